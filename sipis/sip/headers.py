@@ -1,0 +1,322 @@
+"""Header names and the structured header values the SIP core interprets.
+
+Every header value arrives unfolded and stripped.  The parsers here read one
+list element (the message splits comma-separated lists first) and raise
+``SipError`` with status 400 on anything the grammar does not allow.
+
+    Via          =  ( "Via" / "v" ) HCOLON via-parm *(COMMA via-parm)
+    via-parm     =  sent-protocol LWS sent-by *( SEMI via-params )
+    sent-protocol = protocol-name SLASH protocol-version SLASH transport
+    sent-by      =  host [ COLON port ]
+    from-spec    =  ( name-addr / addr-spec ) *( SEMI from-param )
+    name-addr    =  [ display-name ] LAQUOT addr-spec RAQUOT
+    display-name =  *(token LWS)/ quoted-string
+    CSeq         =  "CSeq" HCOLON 1*DIGIT LWS Method
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .errors import SipError
+from .grammar import (
+    HOST,
+    PARAMS_TAIL,
+    QUOTED_STRING,
+    TOKEN,
+    Params,
+    format_params,
+    parse_params,
+    quote,
+)
+from .grammar import unquote as unquote_string
+from .uri import SipUri, Uri, parse_uri
+
+# RFC 3261 §7.3.3 and later RFCs: the compact forms.
+COMPACT_FORMS = {
+    "a": "Accept-Contact",
+    "b": "Referred-By",
+    "c": "Content-Type",
+    "d": "Request-Disposition",
+    "e": "Content-Encoding",
+    "f": "From",
+    "i": "Call-ID",
+    "j": "Reject-Contact",
+    "k": "Supported",
+    "l": "Content-Length",
+    "m": "Contact",
+    "o": "Event",
+    "r": "Refer-To",
+    "s": "Subject",
+    "t": "To",
+    "u": "Allow-Events",
+    "v": "Via",
+    "x": "Session-Expires",
+    "y": "Identity",
+}
+CANONICAL_NAMES = [
+    "Accept",
+    "Accept-Contact",
+    "Accept-Encoding",
+    "Accept-Language",
+    "Alert-Info",
+    "Allow",
+    "Allow-Events",
+    "Authentication-Info",
+    "Authorization",
+    "Call-ID",
+    "Call-Info",
+    "Contact",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Length",
+    "Content-Type",
+    "CSeq",
+    "Date",
+    "Error-Info",
+    "Event",
+    "Expires",
+    "Flow-Timer",
+    "From",
+    "Identity",
+    "In-Reply-To",
+    "Max-Forwards",
+    "MIME-Version",
+    "Min-Expires",
+    "Min-SE",
+    "Organization",
+    "P-Asserted-Identity",
+    "P-Preferred-Identity",
+    "Path",
+    "Priority",
+    "Privacy",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Require",
+    "RAck",
+    "Reason",
+    "Record-Route",
+    "Refer-To",
+    "Referred-By",
+    "Reject-Contact",
+    "Replaces",
+    "Reply-To",
+    "Request-Disposition",
+    "Require",
+    "Retry-After",
+    "Route",
+    "RSeq",
+    "Server",
+    "Service-Route",
+    "Session-Expires",
+    "Subject",
+    "Subscription-State",
+    "Supported",
+    "Timestamp",
+    "To",
+    "Unsupported",
+    "User-Agent",
+    "Via",
+    "Warning",
+    "WWW-Authenticate",
+]
+_CANONICAL = {name.lower(): name for name in CANONICAL_NAMES} | COMPACT_FORMS
+
+# Headers whose value is a comma-separated list (RFC 3261 §7.3.1).
+LIST_HEADERS = frozenset(
+    [
+        "Accept",
+        "Accept-Encoding",
+        "Accept-Language",
+        "Alert-Info",
+        "Allow",
+        "Allow-Events",
+        "Call-Info",
+        "Contact",
+        "Content-Encoding",
+        "Content-Language",
+        "Error-Info",
+        "In-Reply-To",
+        "P-Asserted-Identity",
+        "Path",
+        "Proxy-Require",
+        "Reason",
+        "Record-Route",
+        "Require",
+        "Route",
+        "Service-Route",
+        "Supported",
+        "Unsupported",
+        "Via",
+        "Warning",
+    ]
+)
+# Headers a message may carry at most once (a second one is a 400).
+SINGLE_HEADERS = frozenset(
+    [
+        "Call-ID",
+        "CSeq",
+        "Content-Length",
+        "Content-Type",
+        "Expires",
+        "From",
+        "Max-Forwards",
+        "Min-Expires",
+        "To",
+    ]
+)
+
+
+def header_key(name: str) -> str:
+    """The key a header is stored and looked up by: canonical form, or lowercase if unknown."""
+    lowered = name.lower()
+    return _CANONICAL.get(lowered, lowered)
+
+
+def key_and_name(name: str) -> tuple[str, str]:
+    """The lookup key and the written form of a header name (as given, if unknown)."""
+    lowered = name.lower()
+    canonical = _CANONICAL.get(lowered)
+    return (canonical, canonical) if canonical is not None else (lowered, name)
+
+
+_VIA_RE = re.compile(
+    rf"({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]+({HOST})"
+    r"(?:[ \t]*:[ \t]*(\d{1,5}))?" + PARAMS_TAIL
+)
+_PORT_RE = re.compile(r"\d{1,5}\Z")
+
+
+@dataclass(slots=True)
+class Via:
+    """One via-parm: where responses to this hop go, and the branch naming its transaction."""
+
+    transport: str
+    host: str
+    port: int | None = None
+    params: Params = field(default_factory=dict)
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> int | None:
+        value = self.params.get("rport")
+        return int(value) if value else None
+
+    def __str__(self) -> str:
+        port = "" if self.port is None else f":{self.port}"
+        return f"SIP/2.0/{self.transport} {self.host}{port}{format_params(self.params)}"
+
+
+def parse_via(text: str) -> Via:
+    m = _VIA_RE.match(text)
+    if m is None:
+        raise SipError(f"malformed Via {text!r}")
+    name, version, transport, host, port, tail = m.groups()
+    if version != "2.0" or name.upper() != "SIP":
+        raise SipError(f"unsupported protocol {name}/{version} in Via", status=505)
+    params = parse_params(tail)
+    rport = params.get("rport")
+    if rport is not None and (not _PORT_RE.match(rport) or int(rport) > 65535):
+        raise SipError(f"malformed rport {rport!r}")
+    return Via(transport.upper(), host, _port(port), params)
+
+
+def _port(text: str | None) -> int | None:
+    if text is None:
+        return None
+    port = int(text)
+    if port > 65535:
+        raise SipError(f"port {port} out of range")
+    return port
+
+
+# name-addr with a quoted or a token display name, or a bare addr-spec, each then params.
+_NAME_ADDR_RE = re.compile(
+    rf"(?:({QUOTED_STRING})[ \t]*|({TOKEN}(?:[ \t]++{TOKEN})*+)?[ \t]*)<([^<>\s]*)>" + PARAMS_TAIL
+)
+_ADDR_SPEC_RE = re.compile(r"([^\s;,?<>\"]+)" + PARAMS_TAIL)
+
+
+@dataclass(slots=True)
+class NameAddr:
+    """An address with optional display name and header parameters (From, To, Contact, Route...)."""
+
+    uri: Uri
+    display_name: str | None = None
+    params: Params = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    @property
+    def sip_uri(self) -> SipUri:
+        if not isinstance(self.uri, SipUri):
+            raise SipError(f"not a sip or sips URI: {self.uri}", status=416)
+        return self.uri
+
+    def __str__(self) -> str:
+        name = "" if self.display_name is None else quote(self.display_name) + " "
+        return f"{name}<{self.uri}>{format_params(self.params)}"
+
+
+def parse_name_addr(text: str) -> NameAddr:
+    """Parse ``( name-addr / addr-spec ) *( SEMI generic-param )``.
+
+    In addr-spec form the URI cannot carry ``;``, ``?`` or ``,`` (RFC 3261
+    §20.10): parameters after it belong to the header, and a URI with
+    headers must be enclosed in angle brackets.
+    """
+    m = _NAME_ADDR_RE.match(text)
+    if m is not None:
+        quoted, tokens, uri_text, tail = m.groups()
+        display = unquote_string(quoted) if quoted is not None else tokens
+    else:
+        m = _ADDR_SPEC_RE.match(text)
+        if m is None:
+            raise SipError(f"malformed address {text!r}")
+        uri_text, tail = m.groups()
+        display = None
+    return NameAddr(parse_uri(uri_text), display, parse_params(tail))
+
+
+_CSEQ_RE = re.compile(rf"(\d{{1,10}})[ \t]+({TOKEN})\Z")
+MAX_CSEQ = 2**31 - 1
+
+
+class CSeq(NamedTuple):
+    number: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.number} {self.method}"
+
+
+def parse_cseq(text: str) -> CSeq:
+    m = _CSEQ_RE.match(text)
+    if m is None:
+        raise SipError(f"malformed CSeq {text!r}")
+    number = int(m.group(1))
+    if number > MAX_CSEQ:
+        raise SipError("CSeq number out of range")
+    return CSeq(number, m.group(2))
+
+
+def parse_uint(text: str, name: str, maximum: int) -> int:
+    """A ``1*DIGIT`` header value bounded by ``maximum``."""
+    if not text.isascii() or not text.isdigit() or len(text) > 10:
+        raise SipError(f"malformed {name} {text!r}")
+    value = int(text)
+    if value > maximum:
+        raise SipError(f"{name} {value} out of range")
+    return value

@@ -54,6 +54,26 @@ _FIELD_NAME = re.compile(rf"{TOKEN}\Z")
 
 T = TypeVar("T")
 
+# Methods of RFC 3261 and its extensions; any other method is "not implemented" (501).
+KNOWN_METHODS = frozenset(
+    [
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "OPTIONS",
+        "REGISTER",
+        "PRACK",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "PUBLISH",
+        "INFO",
+        "REFER",
+        "MESSAGE",
+        "UPDATE",
+    ]
+)
+
 # The usual spellings of known header names, mapped straight to their canonical form.
 _SPELLINGS = (
     {
@@ -468,7 +488,9 @@ def _validate(msg: Message) -> None:
         raise SipError("missing Via")
     cseq = msg.cseq
     if isinstance(msg, Request) and cseq.method != msg.method:
-        raise SipError(f"CSeq method {cseq.method} does not match {msg.method}")
+        # RFC 4475 §3.1.2.18: an unknown method is better answered "not implemented".
+        status = 400 if msg.method in KNOWN_METHODS else 501
+        raise SipError(f"CSeq method {cseq.method} does not match {msg.method}", status)
     msg.call_id  # noqa: B018 - parsed for validation, cached for later
     msg.from_  # noqa: B018
     msg.to  # noqa: B018

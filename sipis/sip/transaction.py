@@ -1,0 +1,323 @@
+"""SIP transactions (RFC 3261 §17, with the RFC 6026 "Accepted" state).
+
+Theory of operation
+-------------------
+A transaction is a state machine fed with messages and with ``now``; it puts
+the bytes it wants sent in an outbox (``outgoing()`` drains it) and exposes
+``deadline``, the next time its ``on_timer`` must be called.  Nothing here
+sleeps or reads a clock, so every timer is a unit test.
+
+Client non-INVITE (§17.1.2)::
+
+    Trying --1xx--> Proceeding --final--> Completed --K--> Terminated
+      |  \\___________________________final___________/^
+      +--F (or transport error)--> Terminated, TU told TimedOut
+
+    Timer E retransmits over unreliable transports: T1, doubling to T2 in
+    Trying, every T2 in Proceeding.  F = 64*T1.  K = T4 (0 if reliable).
+
+Server non-INVITE (§17.2.2)::
+
+    Trying --TU 1xx--> Proceeding --TU final--> Completed --J--> Terminated
+
+    A retransmitted request is absorbed in Trying and answered with the last
+    response afterwards.  J = 64*T1 (0 if reliable).
+
+Server INVITE (§17.2.1, RFC 6026 §7.1)::
+
+    Proceeding --TU 300-699--> Completed --ACK--> Confirmed --I--> Terminated
+        |                          +--H--> Terminated, TU told TimedOut
+        +--TU 2xx--> Accepted --L--> Terminated
+
+    Timer G retransmits a final non-2xx over unreliable transports (T1
+    doubling to T2); H = 64*T1 bounds the wait for the ACK; I = T4 (0 if
+    reliable).  In Accepted, retransmitted INVITEs are absorbed and 2xx
+    retransmissions from the TU go out; L = 64*T1.
+
+Matching (§17.1.3, §17.2.3): responses match a client transaction by top
+Via branch and CSeq method.  Requests match a server transaction by branch,
+sent-by and method (ACK and CANCEL matched by the caller), or, when the
+branch lacks the RFC 3261 magic cookie, by the RFC 2543 rules.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass
+
+from .message import Request, Response
+
+MAGIC_COOKIE = "z9hG4bK"
+
+
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """RFC 3261 §17.1.1.1 / Table 4 base values, in seconds."""
+
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+
+
+DEFAULT_TIMERS = Timers()
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    """What a transaction reports to its TU when no answer will come."""
+
+    reason: str
+
+
+class State(enum.Enum):
+    TRYING = "trying"
+    PROCEEDING = "proceeding"
+    COMPLETED = "completed"
+    CONFIRMED = "confirmed"
+    ACCEPTED = "accepted"
+    TERMINATED = "terminated"
+
+
+def new_branch() -> str:
+    return MAGIC_COOKIE + secrets.token_hex(8)
+
+
+def client_key(branch: str, method: str) -> tuple[str, str]:
+    """How a response finds its client transaction (§17.1.3)."""
+    return (branch, method)
+
+
+def server_key(request: Request) -> tuple[str, ...]:
+    """How a request finds its server transaction (§17.2.3).
+
+    ACK is keyed as the INVITE it acknowledges.  Without a magic-cookie
+    branch, the RFC 2543 identity is used: Request-URI, From tag, Call-ID,
+    CSeq number and the whole top Via.
+    """
+    via = request.via
+    method = "INVITE" if request.method == "ACK" else request.method
+    branch = via.branch or ""
+    if branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
+        return (branch, via.host.lower(), str(via.port or ""), method)
+    return (
+        "rfc2543",
+        str(request.uri),
+        request.from_.tag or "",
+        request.call_id,
+        str(request.cseq.number),
+        str(via),
+        method,
+    )
+
+
+class _Transaction:
+    __slots__ = ("_outbox", "reliable", "state", "timers")
+
+    def __init__(self, reliable: bool, timers: Timers) -> None:
+        self.reliable = reliable
+        self.timers = timers
+        self.state = State.TRYING
+        self._outbox: list[bytes] = []
+
+    def outgoing(self) -> list[bytes]:
+        """The datagrams or stream writes due now, in order."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is State.TERMINATED
+
+
+class ClientNonInviteTransaction(_Transaction):
+    """Sends one non-INVITE request and waits for its final response."""
+
+    __slots__ = ("_e_at", "_e_interval", "_f_at", "_k_at", "_wire", "key", "request")
+
+    def __init__(
+        self,
+        request: Request,
+        now: float,
+        *,
+        reliable: bool,
+        timers: Timers = DEFAULT_TIMERS,
+    ) -> None:
+        super().__init__(reliable, timers)
+        self.request = request
+        self.key = client_key(request.via.branch or "", request.method)
+        self._wire = request.serialize()
+        self._outbox.append(self._wire)
+        self._e_interval = timers.t1
+        self._e_at: float | None = None if reliable else now + timers.t1
+        self._f_at: float | None = now + 64 * timers.t1
+        self._k_at: float | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        times = [t for t in (self._e_at, self._f_at, self._k_at) if t is not None]
+        return min(times) if times else None
+
+    def receive(self, response: Response, now: float) -> Response | None:
+        """Feed a matching response; returns it if the TU should see it."""
+        if self.state in (State.TRYING, State.PROCEEDING):
+            if response.status < 200:
+                if self.state is State.TRYING:
+                    self.state = State.PROCEEDING
+                    if self._e_at is not None:
+                        self._e_interval = self.timers.t2
+                        self._e_at = min(self._e_at, now + self.timers.t2)
+                return response
+            self.state = State.COMPLETED
+            self._e_at = self._f_at = None
+            self._k_at = now + (0 if self.reliable else self.timers.t4)
+            return response
+        return None
+
+    def on_timer(self, now: float) -> TimedOut | None:
+        if self._k_at is not None and now >= self._k_at:
+            self._k_at = None
+            self.state = State.TERMINATED
+            return None
+        if self._f_at is not None and now >= self._f_at:
+            return self._fail("timeout")
+        if self._e_at is not None and now >= self._e_at:
+            self._outbox.append(self._wire)
+            if self.state is State.TRYING:
+                self._e_interval = min(2 * self._e_interval, self.timers.t2)
+            else:
+                self._e_interval = self.timers.t2
+            self._e_at = now + self._e_interval
+        return None
+
+    def transport_failed(self) -> TimedOut | None:
+        """The transport could not send (§17.1.4): the TU sees a failure once."""
+        if self.state in (State.TRYING, State.PROCEEDING):
+            return self._fail("transport error")
+        return None
+
+    def _fail(self, reason: str) -> TimedOut:
+        self.state = State.TERMINATED
+        self._e_at = self._f_at = self._k_at = None
+        return TimedOut(reason)
+
+
+class ServerNonInviteTransaction(_Transaction):
+    """Answers one non-INVITE request, absorbing its retransmissions."""
+
+    __slots__ = ("_j_at", "_last", "request")
+
+    def __init__(
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: Timers = DEFAULT_TIMERS,
+    ) -> None:
+        super().__init__(reliable, timers)
+        self.request = request
+        self._last: bytes | None = None
+        self._j_at: float | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        return self._j_at
+
+    def receive_retransmission(self) -> None:
+        if self._last is not None and self.state is not State.TERMINATED:
+            self._outbox.append(self._last)
+
+    def respond(self, response: Response, now: float) -> None:
+        if self.state in (State.COMPLETED, State.TERMINATED):
+            return
+        self._last = response.serialize()
+        self._outbox.append(self._last)
+        if response.status < 200:
+            self.state = State.PROCEEDING
+        else:
+            self.state = State.COMPLETED
+            self._j_at = now + (0 if self.reliable else 64 * self.timers.t1)
+
+    def on_timer(self, now: float) -> None:
+        if self._j_at is not None and now >= self._j_at:
+            self._j_at = None
+            self.state = State.TERMINATED
+
+
+class ServerInviteTransaction(_Transaction):
+    """Answers one INVITE: provisional responses, then a final one until ACKed."""
+
+    __slots__ = ("_g_at", "_g_interval", "_h_at", "_i_at", "_l_at", "_last", "request")
+
+    def __init__(
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: Timers = DEFAULT_TIMERS,
+    ) -> None:
+        super().__init__(reliable, timers)
+        self.state = State.PROCEEDING
+        self.request = request
+        self._last: bytes | None = None
+        self._g_interval = timers.t1
+        self._g_at: float | None = None
+        self._h_at: float | None = None
+        self._i_at: float | None = None
+        self._l_at: float | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        times = [t for t in (self._g_at, self._h_at, self._i_at, self._l_at) if t is not None]
+        return min(times) if times else None
+
+    def receive_retransmission(self) -> None:
+        """A retransmitted INVITE: repeat the last provisional or final non-2xx response."""
+        if self._last is not None and self.state in (State.PROCEEDING, State.COMPLETED):
+            self._outbox.append(self._last)
+
+    def receive_ack(self, now: float) -> bool:
+        """An ACK for a non-2xx final response; True if it confirmed the transaction."""
+        if self.state is not State.COMPLETED:
+            return False
+        self.state = State.CONFIRMED
+        self._g_at = self._h_at = None
+        self._i_at = now + (0 if self.reliable else self.timers.t4)
+        return True
+
+    def respond(self, response: Response, now: float) -> None:
+        status = response.status
+        if self.state is State.ACCEPTED and 200 <= status < 300:
+            self._outbox.append(response.serialize())
+            return
+        if self.state is not State.PROCEEDING:
+            return
+        self._last = response.serialize()
+        self._outbox.append(self._last)
+        if status < 200:
+            return
+        if status < 300:
+            self.state = State.ACCEPTED
+            self._l_at = now + 64 * self.timers.t1
+            return
+        self.state = State.COMPLETED
+        self._h_at = now + 64 * self.timers.t1
+        if not self.reliable:
+            self._g_at = now + self.timers.t1
+
+    def on_timer(self, now: float) -> TimedOut | None:
+        if self._l_at is not None and now >= self._l_at:
+            self._l_at = None
+            self.state = State.TERMINATED
+        if self._i_at is not None and now >= self._i_at:
+            self._i_at = None
+            self.state = State.TERMINATED
+        if self._h_at is not None and now >= self._h_at:
+            self.state = State.TERMINATED
+            self._g_at = self._h_at = None
+            return TimedOut("no ACK")
+        if self._g_at is not None and now >= self._g_at and self._last is not None:
+            self._outbox.append(self._last)
+            self._g_interval = min(2 * self._g_interval, self.timers.t2)
+            self._g_at = now + self._g_interval
+        return None

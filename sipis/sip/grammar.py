@@ -51,15 +51,11 @@ def parse_params(tail: str) -> Params:
 
     Names are lowercased (they compare case-insensitively); values are kept
     exactly as sent, quotes included, so serializing gives the same bytes.
-    A repeated parameter name is a syntax error.
+    Of a repeated parameter the last value counts.
     """
     if not tail:
         return {}
-    pairs = _PARAM_RE.findall(tail)
-    params: Params = {name.lower(): value or None for name, value in pairs}
-    if len(params) != len(pairs):
-        raise SipError("duplicate parameter")
-    return params
+    return {name.lower(): value or None for name, value in _PARAM_RE.findall(tail)}
 
 
 def format_params(params: Params) -> str:
@@ -69,7 +65,8 @@ def format_params(params: Params) -> str:
 def unquote(value: str) -> str:
     """The content of a quoted-string with quoted-pairs resolved, or ``value`` itself."""
     if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-        return _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        inner = value[1:-1]
+        return _QUOTED_PAIR.sub(r"\1", inner) if "\\" in inner else inner
     return value
 
 
@@ -81,8 +78,10 @@ def split_list(value: str) -> list[str]:
     """Split a header value at the commas that separate list elements.
 
     Commas inside quoted strings and inside ``<...>`` belong to the element.
-    Empty elements (``a,,b``) are a syntax error.
+    An empty value is an empty list; empty elements (``a,,b``) are an error.
     """
+    if "," not in value:
+        return [value] if value else []
     if '"' not in value and "<" not in value:
         parts = value.split(",")
     else:

@@ -17,7 +17,6 @@ list element (the message splits comma-separated lists first) and raise
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .errors import SipError
@@ -190,14 +189,45 @@ _VIA_RE = re.compile(
 _PORT_RE = re.compile(r"\d{1,5}\Z")
 
 
-@dataclass(slots=True)
-class Via:
+class _Parameterised:
+    """Header parameters, read from the text only when first asked for.
+
+    The grammar of the whole parameter tail is checked when the header is
+    parsed; splitting it into a dict waits until somebody reads ``params``.
+    """
+
+    __slots__ = ("_params", "_tail")
+
+    def __init__(self, params: Params | None, tail: str) -> None:
+        self._params = params
+        self._tail = tail
+
+    @property
+    def params(self) -> Params:
+        params = self._params
+        if params is None:
+            params = self._params = parse_params(self._tail)
+        return params
+
+
+class Via(_Parameterised):
     """One via-parm: where responses to this hop go, and the branch naming its transaction."""
 
-    transport: str
-    host: str
-    port: int | None = None
-    params: Params = field(default_factory=dict)
+    __slots__ = ("host", "port", "transport")
+
+    def __init__(
+        self,
+        transport: str,
+        host: str,
+        port: int | None = None,
+        params: Params | None = None,
+        *,
+        tail: str = "",
+    ) -> None:
+        super().__init__(params if params is not None or tail else {}, tail)
+        self.transport = transport
+        self.host = host
+        self.port = port
 
     @property
     def branch(self) -> str | None:
@@ -212,6 +242,19 @@ class Via:
         value = self.params.get("rport")
         return int(value) if value else None
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Via) and (self.transport, self.host, self.port, self.params) == (
+            other.transport,
+            other.host,
+            other.port,
+            other.params,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Via({str(self)!r})"
+
     def __str__(self) -> str:
         port = "" if self.port is None else f":{self.port}"
         return f"SIP/2.0/{self.transport} {self.host}{port}{format_params(self.params)}"
@@ -224,11 +267,12 @@ def parse_via(text: str) -> Via:
     name, version, transport, host, port, tail = m.groups()
     if version != "2.0" or name.upper() != "SIP":
         raise SipError(f"unsupported protocol {name}/{version} in Via", status=505)
-    params = parse_params(tail)
-    rport = params.get("rport")
-    if rport is not None and (not _PORT_RE.match(rport) or int(rport) > 65535):
-        raise SipError(f"malformed rport {rport!r}")
-    return Via(transport.upper(), host, _port(port), params)
+    via = Via(transport.upper(), host, _port(port), tail=tail)
+    if "rport=" in tail:
+        rport = via.params.get("rport")
+        if rport is not None and (not _PORT_RE.match(rport) or int(rport) > 65535):
+            raise SipError(f"malformed rport {rport!r}")
+    return via
 
 
 def _port(text: str | None) -> int | None:
@@ -247,13 +291,22 @@ _NAME_ADDR_RE = re.compile(
 _ADDR_SPEC_RE = re.compile(r"([^\s;,?<>\"]+)" + PARAMS_TAIL)
 
 
-@dataclass(slots=True)
-class NameAddr:
+class NameAddr(_Parameterised):
     """An address with optional display name and header parameters (From, To, Contact, Route...)."""
 
-    uri: Uri
-    display_name: str | None = None
-    params: Params = field(default_factory=dict)
+    __slots__ = ("display_name", "uri")
+
+    def __init__(
+        self,
+        uri: Uri,
+        display_name: str | None = None,
+        params: Params | None = None,
+        *,
+        tail: str = "",
+    ) -> None:
+        super().__init__(params if params is not None or tail else {}, tail)
+        self.uri = uri
+        self.display_name = display_name
 
     @property
     def tag(self) -> str | None:
@@ -264,6 +317,18 @@ class NameAddr:
         if not isinstance(self.uri, SipUri):
             raise SipError(f"not a sip or sips URI: {self.uri}", status=416)
         return self.uri
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NameAddr) and (self.uri, self.display_name, self.params) == (
+            other.uri,
+            other.display_name,
+            other.params,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"NameAddr({str(self)!r})"
 
     def __str__(self) -> str:
         name = "" if self.display_name is None else quote(self.display_name) + " "
@@ -287,7 +352,7 @@ def parse_name_addr(text: str) -> NameAddr:
             raise SipError(f"malformed address {text!r}")
         uri_text, tail = m.groups()
         display = None
-    return NameAddr(parse_uri(uri_text), display, parse_params(tail))
+    return NameAddr(parse_uri(uri_text), display, tail=tail)
 
 
 _CSEQ_RE = re.compile(rf"(\d{{1,10}})[ \t]+({TOKEN})\Z")

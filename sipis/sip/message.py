@@ -51,6 +51,8 @@ _REQUEST_LINE = re.compile(rf"({TOKEN}) ([^ ]+) SIP/(\d+\.\d+)\Z")
 _STATUS_LINE = re.compile(r"SIP/(\d+\.\d+) (\d{3}) ([^\r\n]*)\Z")
 _CALL_ID = re.compile(rf"{WORD}(?:@{WORD})?\Z")
 _FIELD_NAME = re.compile(rf"{TOKEN}\Z")
+# LWS that spans a line break: a folded header line (RFC 3261 §7.3.1).
+_FOLD = re.compile(r"[ \t]*\r\n[ \t]+")
 
 T = TypeVar("T")
 
@@ -414,32 +416,28 @@ class ParseError(SipError):
 def _read_head(head: bytes) -> Message:
     """Split the start line and header fields; no header value is interpreted yet."""
     text = head.decode("utf-8", "surrogateescape")
+    if "\r\n " in text or "\r\n\t" in text:
+        text = _FOLD.sub(" ", text)
     lines = text.split("\r\n")
-    start = lines[0]
     if len(lines) > MAX_HEADER_FIELDS + 1:
         raise SipError(f"more than {MAX_HEADER_FIELDS} header lines", status=513)
+    start = lines[0]
     fields: list[tuple[str, str, str]] = []
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t"):
-            if not fields:
-                raise SipError("continuation line before the first header")
-            key, name, value = fields[-1]
-            fields[-1] = (key, name, (value + " " + line.strip(" \t")).lstrip(" "))
-            continue
-        name, colon, value = line.partition(":")
+    index: dict[str, list[str]] = {}
+    spellings = _SPELLINGS
+    for i in range(1, len(lines)):
+        name, colon, value = lines[i].partition(":")
         if not colon:
-            raise SipError(f"header line without a colon: {line[:40]!r}")
-        name = name.rstrip(" \t")
-        spelled = _SPELLINGS.get(name)
-        if spelled is not None:
-            key = name = spelled
-        else:
-            key, name = key_and_name(name)
+            raise SipError(f"header line without a colon: {lines[i][:40]!r}")
+        key = spellings.get(name)
+        if key is None:
+            key, name = key_and_name(name.rstrip(" \t"))
             if _FIELD_NAME.match(name) is None:
                 raise SipError(f"malformed header name {name[:40]!r}")
-        fields.append((key, name, value.strip(" \t")))
-    index: dict[str, list[str]] = {}
-    for key, _, value in fields:
+        else:
+            name = key
+        value = value.strip(" \t")
+        fields.append((key, name, value))
         values = index.get(key)
         if values is None:
             index[key] = [value]

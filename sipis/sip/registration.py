@@ -33,7 +33,8 @@ Answers and what they do:
   ``min(1800, base * 2**(failures-1))`` scaled by a random 50-100 %; base 30 s
   when no answer came (the flow is suspect: ``needs_flow`` asks the adapter
   for a new one), 90 s when the registrar answered.  Retry-After, when given,
-  is honoured instead (capped at ``MAX_BACKOFF``).
+  is honoured instead (capped at the same 1800 s).  ``Backoff`` holds the
+  three times.
 * Any other 4xx, and 6xx: FAILED with the status and reason, no retry.
 """
 
@@ -53,13 +54,19 @@ from .message import Request, Response
 from .transaction import DEFAULT_TIMERS, ClientNonInviteTransaction, TimedOut, Timers, new_branch
 from .uri import SipUri
 
-MAX_BACKOFF = 1800.0
 MAX_REDIRECTS = 5
 MAX_AUTH_ROUNDS = 3
-BASE_NO_FLOW = 30.0
-BASE_FLOW_UP = 90.0
 _TRANSIENT_4XX = frozenset({408, 429, 480})
 _RETRY_AFTER = re.compile(r"\s*(\d{1,10})")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """RFC 5626 §4.5 retry timing: base times without and with a working flow, and the cap."""
+
+    no_flow: float = 30.0
+    flow_up: float = 90.0
+    cap: float = 1800.0
 
 
 class RegistrationState(enum.Enum):
@@ -126,12 +133,14 @@ class RegistrationSession:
         *,
         rng: random.Random | None = None,
         timers: Timers = DEFAULT_TIMERS,
+        backoff: Backoff = Backoff(),
     ) -> None:
         self.config = config
+        self._backoff = backoff
         self._rng = rng or random.Random()
         self._timers = timers
         self._digest = DigestClient(config.username, config.password)
-        self._call_id = secrets.token_hex(12)
+        self.call_id = secrets.token_hex(12)
         self._from_tag = secrets.token_hex(6)
         self._cseq = 0
         self._expires = config.expires
@@ -207,6 +216,11 @@ class RegistrationSession:
             self._auth_rounds = 0
             self._send(now, self._expires)
 
+    def flow_failed(self, now: float, reason: str) -> None:
+        """No flow could be opened towards the target: back off as for an unanswered request."""
+        if self._txn is None:
+            self._no_answer(now, reason)
+
     def transport_failed(self, now: float) -> None:
         """The flow died or a send failed: the pending REGISTER will not be answered."""
         self.needs_flow = True
@@ -245,7 +259,7 @@ class RegistrationSession:
             txn is not None
             and response.via.branch == txn.key[0]
             and response.cseq.method == "REGISTER"
-            and response.call_id == self._call_id
+            and response.call_id == self.call_id
         )
 
     # -- answers ---------------------------------------------------------------------
@@ -274,14 +288,14 @@ class RegistrationSession:
         elif 300 <= status < 400:
             self._redirected(final, now)
         elif 500 <= status < 600 or status in _TRANSIENT_4XX:
-            self._retry_later(now, BASE_FLOW_UP, _retry_after(final))
+            self._retry_later(now, self._backoff.flow_up, _retry_after(final))
         else:
             self._fail(f"{status} {final.reason}")
 
     def _registered(self, response: Response, now: float) -> None:
         granted = self._granted_expiry(response)
         if granted <= 0:
-            self._retry_later(now, BASE_FLOW_UP, None)
+            self._retry_later(now, self._backoff.flow_up, None)
             self.reason = "registrar kept no binding for our contact"
             return
         self.state = RegistrationState.REGISTERED
@@ -378,17 +392,18 @@ class RegistrationSession:
             self._stopped()
             return
         self.needs_flow = True
-        self._retry_later(now, BASE_NO_FLOW, None)
+        self._retry_later(now, self._backoff.no_flow, None)
         self.reason = reason
 
     def _retry_later(self, now: float, base: float, retry_after: float | None) -> None:
         self.failures += 1
         if self.state is not RegistrationState.REGISTERED:
             self.state = RegistrationState.REGISTERING
+        cap = self._backoff.cap
         if retry_after is not None:
-            delay = min(retry_after, MAX_BACKOFF)
+            delay = min(retry_after, cap)
         else:
-            ceiling = min(MAX_BACKOFF, base * 2 ** (self.failures - 1))
+            ceiling = min(cap, base * 2 ** (self.failures - 1))
             delay = ceiling * self._rng.uniform(0.5, 1.0)
         self._register_at = now + delay
 
@@ -438,7 +453,7 @@ class RegistrationSession:
         fields += [
             ("From", f"{shown}<{aor}>;tag={self._from_tag}"),
             ("To", f"{shown}<{aor}>"),
-            ("Call-ID", self._call_id),
+            ("Call-ID", self.call_id),
             ("CSeq", f"{self._cseq} REGISTER"),
             (
                 "Contact",

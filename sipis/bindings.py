@@ -1,0 +1,273 @@
+"""The bindings manager: runs every account's registration session over real flows.
+
+Theory of operation
+-------------------
+Each ``Binding`` pairs a sans-IO ``RegistrationSession`` with the flow it
+registers through and one timer.  After anything happens to a binding (it
+is added, a response arrives, its timer fires, its flow dies) ``_drive``
+does the same three things: send what the session queued, open a flow if
+the session needs one and has something to send, and re-arm the timer at
+the session's deadline.
+
+Flows come from RFC 3263 resolution of the session's target, tried in
+order; a target that gave no answer is skipped on the next attempt, so a
+dead server fails over to the next one.  Stream flows are shared between
+bindings (``TransportLayer`` pools them); when one dies, every binding on it
+re-registers through a new one.  Responses find their binding by Call-ID;
+requests go to ``on_request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterator
+
+from sipis.sip.message import Message, ParseError, Request, Response
+from sipis.sip.registration import (
+    Backoff,
+    RegistrationConfig,
+    RegistrationSession,
+    RegistrationState,
+    RegistrationStatus,
+)
+from sipis.sip.transaction import DEFAULT_TIMERS, Timers
+from sipis.transport.flow import Flow, FlowClosed
+from sipis.transport.layer import TransportLayer
+from sipis.transport.resolver import ResolveError, Resolver, Target
+
+log = logging.getLogger(__name__)
+
+RequestHandler = Callable[[Request | ParseError, Flow], None]
+
+
+class Binding:
+    """One account's registration and the flow it currently uses."""
+
+    __slots__ = (
+        "_connecting",
+        "_stopped",
+        "_target_index",
+        "_timer",
+        "flow",
+        "key",
+        "manager",
+        "session",
+        "verify_tls",
+    )
+
+    def __init__(
+        self, manager: BindingManager, key: str, session: RegistrationSession, verify_tls: bool
+    ) -> None:
+        self.manager = manager
+        self.key = key
+        self.session = session
+        self.verify_tls = verify_tls
+        self.flow: Flow | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._target_index = 0
+        self._stopped: asyncio.Future[None] | None = None
+
+    def flow_lost(self, flow: Flow) -> None:
+        """Close listener of the binding's flow (a bound method, so it can be forgotten)."""
+        self.manager._flow_lost(self, flow)
+
+
+class BindingManager:
+    """Keeps a registration alive for every binding added to it."""
+
+    def __init__(
+        self,
+        transport: TransportLayer,
+        resolver: Resolver,
+        *,
+        on_request: RequestHandler,
+        rng: random.Random | None = None,
+        timers: Timers = DEFAULT_TIMERS,
+        backoff: Backoff = Backoff(),  # noqa: B008 - immutable
+    ) -> None:
+        self._transport = transport
+        self._timers = timers
+        self._backoff = backoff
+        self._resolver = resolver
+        self._on_request = on_request
+        self._rng = rng or random.Random()
+        self._bindings: dict[str, Binding] = {}
+        self._by_call_id: dict[str, Binding] = {}
+        self._loop = asyncio.get_running_loop()
+
+    # -- the public surface ------------------------------------------------------------
+
+    def add(
+        self, key: str, config: RegistrationConfig, *, verify_tls: bool = True, delay: float = 0.0
+    ) -> Binding:
+        """Start registering ``config`` under ``key`` (after ``delay`` seconds)."""
+        if key in self._bindings:
+            raise KeyError(f"binding {key!r} exists")
+        session = RegistrationSession(
+            config, rng=self._rng, timers=self._timers, backoff=self._backoff
+        )
+        binding = Binding(self, key, session, verify_tls)
+        self._bindings[key] = binding
+        self._by_call_id[session.call_id] = binding
+        session.start(self._loop.time(), delay)
+        self._drive(binding)
+        return binding
+
+    async def remove(self, key: str, *, unregister: bool = True, timeout: float = 5.0) -> None:
+        """Stop a binding: un-REGISTER it (waiting at most ``timeout``), then forget it."""
+        binding = self._bindings.get(key)
+        if binding is None:
+            return
+        session = binding.session
+        if unregister:
+            binding._stopped = self._loop.create_future()
+            session.stop(self._loop.time())
+            self._drive(binding)
+            if session.state is not RegistrationState.STOPPED:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await binding._stopped
+                except TimeoutError:
+                    log.info("binding %s: no answer to the un-REGISTER", key)
+        self._forget(binding)
+
+    def status(self, key: str) -> RegistrationStatus:
+        return self._bindings[key].session.status(self._loop.time())
+
+    def __iter__(self) -> Iterator[Binding]:
+        return iter(self._bindings.values())
+
+    def __len__(self) -> int:
+        return len(self._bindings)
+
+    def get(self, key: str) -> Binding | None:
+        return self._bindings.get(key)
+
+    async def close(self, *, unregister: bool = False, timeout: float = 5.0) -> None:
+        await asyncio.gather(
+            *(self.remove(k, unregister=unregister, timeout=timeout) for k in list(self._bindings))
+        )
+
+    def dispatch(self, message: Message | ParseError, flow: Flow) -> None:
+        """Everything the transport layer receives comes here."""
+        if isinstance(message, Response):
+            binding = self._by_call_id.get(message.call_id)
+            if binding is not None:
+                binding.session.receive(message, self._loop.time())
+                self._drive(binding)
+        elif isinstance(message, Request) or (
+            isinstance(message, ParseError) and isinstance(message.partial, Request)
+        ):
+            self._on_request(message, flow)
+
+    # -- driving -------------------------------------------------------------------
+
+    def _drive(self, binding: Binding) -> None:
+        session = binding.session
+        now = self._loop.time()
+        outgoing = session.outgoing()
+        if outgoing:
+            flow = binding.flow
+            try:
+                if flow is None:
+                    raise FlowClosed("no flow")
+                for data in outgoing:
+                    flow.send(data)
+            except FlowClosed:
+                session.transport_failed(now)
+        deadline = session.deadline
+        if (
+            session.needs_flow
+            and deadline is not None
+            and deadline <= now
+            and binding._connecting is None
+            and binding.key in self._bindings
+        ):
+            binding._connecting = asyncio.ensure_future(self._open_flow(binding))
+        if binding._timer is not None:
+            binding._timer.cancel()
+            binding._timer = None
+        if deadline is not None and binding._connecting is None:
+            binding._timer = self._loop.call_at(max(deadline, now), self._fire, binding)
+        stopped = binding._stopped
+        if (
+            session.state is RegistrationState.STOPPED
+            and stopped is not None
+            and not stopped.done()
+        ):
+            stopped.set_result(None)
+
+    def _fire(self, binding: Binding) -> None:
+        binding._timer = None
+        binding.session.on_timer(self._loop.time())
+        self._drive(binding)
+
+    async def _open_flow(self, binding: Binding) -> None:
+        session = binding.session
+        target_uri = session.target
+        try:
+            targets = await self._resolver.resolve(
+                target_uri.host,
+                target_uri.port,
+                target_uri.transport,
+                target_uri.secure,
+            )
+            flow, index = await self._first_flow(binding, targets)
+        except (ResolveError, ConnectionError, OSError, TimeoutError) as exc:
+            binding._connecting = None
+            session.flow_failed(self._loop.time(), _reason(exc))
+            log.info("binding %s: no flow to %s: %s", binding.key, target_uri, _reason(exc))
+            self._drive(binding)
+            return
+        binding._connecting = None
+        if binding.key not in self._bindings:
+            return
+        binding._target_index = index
+        self._use_flow(binding, flow)
+        session.on_timer(self._loop.time())
+        self._drive(binding)
+
+    async def _first_flow(self, binding: Binding, targets: list[Target]) -> tuple[Flow, int]:
+        """Try the targets in order, starting after the one that last went silent."""
+        start = binding._target_index % len(targets)
+        last_error: Exception = ConnectionError("no target")
+        for offset in range(len(targets)):
+            index = (start + offset) % len(targets)
+            try:
+                flow = await self._transport.flow_to(targets[index], verify_tls=binding.verify_tls)
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                last_error = exc
+                continue
+            return flow, index
+        raise last_error
+
+    def _use_flow(self, binding: Binding, flow: Flow) -> None:
+        if binding.flow is not None:
+            binding.flow.forget(binding.flow_lost)
+        binding.flow = flow
+        flow.on_close(binding.flow_lost)
+        binding.session.bind(flow.local)
+
+    def _flow_lost(self, binding: Binding, flow: Flow) -> None:
+        if binding.flow is not flow:
+            return
+        binding.flow = None
+        binding.session.transport_failed(self._loop.time())
+        self._drive(binding)
+
+    def _forget(self, binding: Binding) -> None:
+        if binding._timer is not None:
+            binding._timer.cancel()
+        if binding._connecting is not None:
+            binding._connecting.cancel()
+        if binding.flow is not None:
+            binding.flow.forget(binding.flow_lost)
+        self._bindings.pop(binding.key, None)
+        self._by_call_id.pop(binding.session.call_id, None)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,100 @@
+"""A bindings manager on loopback, as the relay runs it, for tests against real peers."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sipis import inbound
+from sipis.bindings import BindingManager
+from sipis.sip.message import Message, ParseError
+from sipis.sip.registration import (
+    Backoff,
+    RegistrationConfig,
+    RegistrationState,
+    RegistrationStatus,
+)
+from sipis.sip.transaction import Timers
+from sipis.sip.uri import parse_sip_uri
+from sipis.transport.flow import Flow
+from sipis.transport.layer import TransportLayer, TransportSettings
+from sipis.transport.resolver import Resolver
+
+# Fast transaction timers, so that "no answer" takes 3.2 s instead of 32 s, and a
+# backoff that retries within a second or two instead of 15-30 s.
+FAST_TIMERS = Timers(t1=0.05, t2=0.4, t4=0.5)
+FAST_BACKOFF = Backoff(no_flow=1.0, flow_up=2.0, cap=8.0)
+
+
+@dataclass
+class RelayUnderTest:
+    transport: TransportLayer
+    bindings: BindingManager
+
+    async def wait_for(
+        self,
+        key: str,
+        condition: Callable[[RegistrationStatus], bool],
+        timeout: float = 10.0,
+    ) -> RegistrationStatus:
+        async with asyncio.timeout(timeout):
+            while not condition(status := self.bindings.status(key)):
+                await asyncio.sleep(0.05)
+        return status
+
+    async def registered(self, key: str, timeout: float = 10.0) -> RegistrationStatus:
+        return await self.wait_for(key, lambda s: s.state is RegistrationState.REGISTERED, timeout)
+
+
+@asynccontextmanager
+async def running_relay(
+    *,
+    ca_file: str | None = None,
+    nameservers: list[tuple[str, int]] | None = None,
+    timers: Timers = FAST_TIMERS,
+    backoff: Backoff = FAST_BACKOFF,
+    keepalive: float = 30.0,
+) -> AsyncIterator[RelayUnderTest]:
+    bindings: BindingManager | None = None
+
+    def dispatch(message: Message | ParseError, flow: Flow) -> None:
+        assert bindings is not None
+        bindings.dispatch(message, flow)
+
+    transport = TransportLayer(
+        dispatch,
+        TransportSettings(host="127.0.0.1", udp_port=0, keepalive=keepalive, ca_file=ca_file),
+    )
+    await transport.start()
+    resolver = Resolver(nameservers or [("127.0.0.1", 9)], timeout=1.0)
+    bindings = BindingManager(
+        transport, resolver, on_request=inbound.handle, timers=timers, backoff=backoff
+    )
+    try:
+        yield RelayUnderTest(transport, bindings)
+    finally:
+        await bindings.close()
+        await transport.close()
+
+
+def account(
+    user: str,
+    password: str,
+    registrar: str,
+    *,
+    domain: str = "example.test",
+    expires: int = 600,
+) -> RegistrationConfig:
+    return RegistrationConfig(
+        aor=parse_sip_uri(f"sip:{user}@{domain}"),
+        registrar=parse_sip_uri(registrar),
+        username=user,
+        password=password,
+        contact_user=secrets.token_hex(8),
+        instance_id=f"urn:uuid:{uuid.uuid4()}",
+        expires=expires,
+    )

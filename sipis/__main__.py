@@ -1,0 +1,5 @@
+import sys
+
+from sipis.cli import main
+
+sys.exit(main())

@@ -24,6 +24,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 
+from sipis.scheduler import Scheduler
 from sipis.sip.message import Message, ParseError, Request, Response
 from sipis.sip.registration import (
     Backoff,
@@ -49,7 +50,7 @@ class Binding:
         "_connecting",
         "_stopped",
         "_target_index",
-        "_timer",
+        "due",
         "flow",
         "key",
         "manager",
@@ -65,7 +66,7 @@ class Binding:
         self.session = session
         self.verify_tls = verify_tls
         self.flow: Flow | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.due: float | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._target_index = 0
         self._stopped: asyncio.Future[None] | None = None
@@ -97,6 +98,7 @@ class BindingManager:
         self._bindings: dict[str, Binding] = {}
         self._by_call_id: dict[str, Binding] = {}
         self._loop = asyncio.get_running_loop()
+        self._scheduler: Scheduler[Binding] = Scheduler(self._loop, self._fire)
 
     # -- the public surface ------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class BindingManager:
         await asyncio.gather(
             *(self.remove(k, unregister=unregister, timeout=timeout) for k in list(self._bindings))
         )
+        self._scheduler.close()
 
     def dispatch(self, message: Message | ParseError, flow: Flow) -> None:
         """Everything the transport layer receives comes here."""
@@ -187,11 +190,7 @@ class BindingManager:
             and binding.key in self._bindings
         ):
             binding._connecting = asyncio.ensure_future(self._open_flow(binding))
-        if binding._timer is not None:
-            binding._timer.cancel()
-            binding._timer = None
-        if deadline is not None and binding._connecting is None:
-            binding._timer = self._loop.call_at(max(deadline, now), self._fire, binding)
+        self._scheduler.schedule(binding, deadline if binding._connecting is None else None)
         stopped = binding._stopped
         if (
             session.state is RegistrationState.STOPPED
@@ -201,7 +200,6 @@ class BindingManager:
             stopped.set_result(None)
 
     def _fire(self, binding: Binding) -> None:
-        binding._timer = None
         binding.session.on_timer(self._loop.time())
         self._drive(binding)
 
@@ -259,8 +257,7 @@ class BindingManager:
         self._drive(binding)
 
     def _forget(self, binding: Binding) -> None:
-        if binding._timer is not None:
-            binding._timer.cancel()
+        self._scheduler.schedule(binding, None)
         if binding._connecting is not None:
             binding._connecting.cancel()
         if binding.flow is not None:

@@ -64,6 +64,8 @@ MAX_AUTH_PARAMS = 32
 _MAX_TRACKED_NONCES = 8
 
 _TOKEN = re.compile(TOKEN)
+# The qop offers nearly every server makes, shared rather than built per challenge.
+_COMMON_QOP = {"auth": ("auth",), "auth,auth-int": ("auth", "auth-int")}
 # quoted-string = SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
 # qdtext        = LWS / %x21 / %x23-5B / %x5D-7E / UTF8-NONASCII
 # quoted-pair   = "\" (%x00-09 / %x0B-0C / %x0E-7F)
@@ -101,17 +103,18 @@ _ALGORITHMS: dict[str, _Algorithm] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Challenge:
     """One WWW-Authenticate or Proxy-Authenticate value (RFC 3261 §20.27, §20.44).
 
     ``algorithm`` is spelled canonically when known (``"SHA-256"`` for
     ``sha-256``) and as sent otherwise; ``qop`` holds the offered qop-values in
     lower case.  ``opaque`` is ``None`` when absent (an empty ``opaque=""``
-    must still be echoed).  Every parameter, known or not, stays in ``params``
-    under its lower-cased name with quotes and escapes removed.  A challenge of
-    another scheme parses too (``realm`` and ``nonce`` empty unless sent) and
-    is never answered.
+    must still be echoed).  ``raw`` is the field value as received;
+    ``params`` gives every parameter in it, known or not, under its lower-cased
+    name with quotes and escapes removed (parsed again when asked for, so a
+    cached challenge holds no dict).  A challenge of another scheme parses too
+    (``realm`` and ``nonce`` empty unless sent) and is never answered.
     """
 
     scheme: str
@@ -123,7 +126,11 @@ class Challenge:
     stale: bool = False
     userhash: bool = False
     domain: tuple[str, ...] = ()
-    params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    raw: str = field(default="", compare=False)
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        return MappingProxyType(_parse_auth_value(self.raw, "challenge")[1] if self.raw else {})
 
     @property
     def is_digest(self) -> bool:
@@ -135,7 +142,7 @@ class Challenge:
         return _answer_plan(self) is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Credentials:
     """One Authorization or Proxy-Authorization value (RFC 3261 §20.7, §20.28).
 
@@ -183,21 +190,19 @@ def parse_challenge(value: str) -> Challenge:
                 raise SipError(f"Digest challenge without {required}")
     algorithm = params.get("algorithm", "MD5")
     known = _ALGORITHMS.get(algorithm.lower())
+    qop = params.get("qop", "").lower()
     return Challenge(
-        scheme=scheme,
+        scheme="Digest" if scheme.lower() == "digest" else scheme,
         realm=params.get("realm", ""),
         nonce=params.get("nonce", ""),
         algorithm=known.name if known is not None else algorithm,
-        qop=tuple(
-            option
-            for option in (part.strip(" \t") for part in params.get("qop", "").lower().split(","))
-            if option
-        ),
+        qop=_COMMON_QOP.get(qop)
+        or tuple(option for option in (part.strip(" \t") for part in qop.split(",")) if option),
         opaque=params.get("opaque"),
         stale=params.get("stale", "").lower() == "true",
         userhash=params.get("userhash", "").lower() == "true",
         domain=tuple(params.get("domain", "").split()),
-        params=MappingProxyType(params),
+        raw=value,
     )
 
 
@@ -260,7 +265,7 @@ class DigestClient:
         self._username = username
         self._password = password
         self._cnonce_source = cnonce_source or _random_cnonce
-        self._nonce_uses: dict[tuple[str, str], _NonceUse] = {}
+        self._nonce_uses: list[_NonceUse] = []
 
     def __repr__(self) -> str:
         return f"DigestClient(username={self._username!r})"
@@ -320,8 +325,13 @@ class DigestClient:
 
     def _next_use(self, realm: str, nonce: str, *, session: bool) -> tuple[str, str]:
         """Count one more use of ``nonce``; return ``(nc, cnonce)`` for it."""
-        key = (realm, nonce)
-        use = self._nonce_uses.pop(key, None) or _NonceUse()
+        uses = self._nonce_uses
+        for i, use in enumerate(uses):
+            if use.nonce == nonce and use.realm == realm:
+                del uses[i]
+                break
+        else:
+            use = _NonceUse(realm, nonce)
         use.count += 1
         if not session:
             cnonce = self._cnonce_source()
@@ -329,14 +339,16 @@ class DigestClient:
             if use.session_cnonce is None:
                 use.session_cnonce = self._cnonce_source()
             cnonce = use.session_cnonce
-        self._nonce_uses[key] = use
-        while len(self._nonce_uses) > _MAX_TRACKED_NONCES:
-            del self._nonce_uses[next(iter(self._nonce_uses))]
+        uses.append(use)
+        if len(uses) > _MAX_TRACKED_NONCES:
+            del uses[0]
         return f"{use.count:08x}", cnonce
 
 
-@dataclass
+@dataclass(slots=True)
 class _NonceUse:
+    realm: str
+    nonce: str
     count: int = 0
     session_cnonce: str | None = None
 

@@ -44,6 +44,7 @@ import enum
 import random
 import re
 import secrets
+import sys
 from dataclasses import dataclass
 
 from .digest import Challenge, DigestClient, parse_challenge, select_challenge
@@ -127,6 +128,34 @@ class RegistrationStatus:
 class RegistrationSession:
     """Keeps one contact registered at one registrar (see the module docstring)."""
 
+    __slots__ = (
+        "_auth_rounds",
+        "_backoff",
+        "_challenges",
+        "_cseq",
+        "_digest",
+        "_expires",
+        "_fresh",
+        "_from_tag",
+        "_local",
+        "_redirects",
+        "_register_at",
+        "_rng",
+        "_target",
+        "_timers",
+        "_txn",
+        "call_id",
+        "config",
+        "failures",
+        "flow_timer",
+        "last_status",
+        "needs_flow",
+        "reason",
+        "registered_until",
+        "service_route",
+        "state",
+    )
+
     def __init__(
         self,
         config: RegistrationConfig,
@@ -146,8 +175,11 @@ class RegistrationSession:
         self._expires = config.expires
         self._target = config.registrar
         self._redirects = 0
-        self._challenges: dict[tuple[bool, str], Challenge] = {}
-        self._fresh_realms: set[tuple[bool, str]] = set()
+        # ((is_proxy, realm), challenge): the last challenge of each realm, reused to
+        # pre-authorize refreshes (a tuple: nearly always one entry, rarely two)
+        self._challenges: tuple[tuple[tuple[bool, str], Challenge], ...] = ()
+        # the realm whose challenge arrived just before the pending request, if any
+        self._fresh: tuple[bool, str] | None = None
         self._auth_rounds = 0
         self._local: LocalAddress | None = None
         self._txn: ClientNonInviteTransaction | None = None
@@ -158,10 +190,15 @@ class RegistrationSession:
         self.registered_until: float | None = None
         self.failures = 0
         self.needs_flow = True
-        self.service_route: list[NameAddr] = []
+        self.service_route: tuple[NameAddr, ...] = ()
         self.flow_timer: int | None = None
 
     # -- driving the session ------------------------------------------------------------
+
+    @property
+    def cseq(self) -> int:
+        """The CSeq of the last REGISTER sent: how many this session has sent."""
+        return self._cseq
 
     @property
     def target(self) -> SipUri:
@@ -275,7 +312,7 @@ class RegistrationSession:
             return
         self._txn = None
         self.last_status = final.status
-        self.reason = final.reason
+        self.reason = sys.intern(final.reason)
         status = final.status
         if status in (401, 407):
             self._challenged(final, now)
@@ -302,7 +339,7 @@ class RegistrationSession:
         self.failures = 0
         self._redirects = 0
         self.registered_until = now + granted
-        self.service_route = response.header_name_addrs("Service-Route")
+        self.service_route = tuple(response.header_name_addrs("Service-Route"))
         flow_timer = response.headers.get("Flow-Timer")
         self.flow_timer = int(flow_timer) if flow_timer and flow_timer.isdigit() else None
         fraction = self._rng.uniform(0.75, 0.9)
@@ -345,17 +382,15 @@ class RegistrationSession:
             return
         key = (is_proxy, challenge.realm)
         self._auth_rounds += 1
-        if (key in self._fresh_realms and not challenge.stale) or (
-            self._auth_rounds > MAX_AUTH_ROUNDS
-        ):
-            self._challenges.pop(key, None)
+        if (key == self._fresh and not challenge.stale) or (self._auth_rounds > MAX_AUTH_ROUNDS):
+            self._challenges = tuple(c for c in self._challenges if c[0] != key)
             if self.state is RegistrationState.UNREGISTERING:
                 self._stopped()
             else:
                 self._fail("authentication failed")
             return
-        self._challenges[key] = challenge
-        self._fresh_realms = {key}
+        self._challenges = (*(c for c in self._challenges if c[0] != key), (key, challenge))
+        self._fresh = key
         expires = 0 if self.state is RegistrationState.UNREGISTERING else self._expires
         self._send(now, expires, keep_fresh=True)
 
@@ -426,7 +461,7 @@ class RegistrationSession:
         if local is None:
             raise RuntimeError("REGISTER before the session was bound to a flow")
         if not keep_fresh:
-            self._fresh_realms = set()
+            self._fresh = None
         self._cseq += 1
         request = self._build(local, expires)
         self._txn = ClientNonInviteTransaction(
@@ -465,7 +500,7 @@ class RegistrationSession:
             ("User-Agent", config.user_agent),
         ]
         request = Request("REGISTER", self._target, fields)
-        for (is_proxy, _realm), challenge in self._challenges.items():
+        for (is_proxy, _realm), challenge in self._challenges:
             name = "Proxy-Authorization" if is_proxy else "Authorization"
             request.headers.add(
                 name, self._digest.authorize(challenge, "REGISTER", str(self._target))

@@ -99,7 +99,7 @@ class SipUri:
     scheme: str = "sip"
     password: str | None = None
     params: Params = field(default_factory=dict)
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def secure(self) -> bool:
@@ -222,10 +222,10 @@ def parse_uri(text: str) -> Uri:
             host,
             user,
             None if port is None else int(port),
-            scheme.lower(),
+            "sip" if len(scheme) == 3 else "sips",
             password,
             _parse_uri_params(params) if params else {},
-            [_split_uri_header(h) for h in headers.split("&")] if headers else [],
+            tuple(_split_uri_header(h) for h in headers.split("&")) if headers else (),
         )
     scheme = text.partition(":")[0].lower()
     if scheme in ("sip", "sips"):

@@ -223,16 +223,17 @@ def test_rfc3261_challenge_fields() -> None:
         stale=False,
         userhash=False,
         domain=("sip:boxesbybob.com",),
-        params={
-            "realm": "atlanta.com",
-            "domain": "sip:boxesbybob.com",
-            "qop": "auth",
-            "nonce": "f84f1cec41e6cbe5aea9c8e88d359",
-            "opaque": "",
-            "stale": "FALSE",
-            "algorithm": "MD5",
-        },
     )
+    assert challenge.raw == RFC3261_CHALLENGE
+    assert challenge.params == {
+        "realm": "atlanta.com",
+        "domain": "sip:boxesbybob.com",
+        "qop": "auth",
+        "nonce": "f84f1cec41e6cbe5aea9c8e88d359",
+        "opaque": "",
+        "stale": "FALSE",
+        "algorithm": "MD5",
+    }
 
 
 def test_register_answer_echoes_empty_opaque() -> None:
@@ -538,7 +539,7 @@ def test_lws_around_equals_and_commas() -> None:
     challenge = parse_challenge(
         ' digest  realm = "atlanta.com" ,\tnonce=\t"x" ,qop = auth ,  ALGORITHM = sha-512-256-SESS '
     )
-    assert challenge.scheme == "digest"
+    assert challenge.scheme == "Digest", "the scheme is case-insensitive"
     assert challenge.is_digest
     assert (challenge.realm, challenge.nonce, challenge.qop) == ("atlanta.com", "x", ("auth",))
     assert challenge.algorithm == "SHA-512-256-sess"

@@ -179,7 +179,7 @@ def test_malformed_via(text: str, status: int) -> None:
                 scheme="sips",
                 password="pw",
                 params={"transport": "TLS", "lr": None},
-                headers=[("subject", "hi"), ("priority", "urgent")],
+                headers=(("subject", "hi"), ("priority", "urgent")),
             ),
         ),
         ("sip:192.0.2.1", SipUri(host="192.0.2.1")),

@@ -407,7 +407,7 @@ def test_cparam_contact_parameters_belong_where_the_brackets_say() -> None:
 def test_regescrt_escaped_header_stays_in_the_contact_uri() -> None:
     [contact] = request("regescrt").contacts
     assert isinstance(contact.uri, SipUri)
-    assert contact.uri.headers == [("Route", "%3Csip:sip.example.com%3E")]
+    assert contact.uri.headers == (("Route", "%3Csip:sip.example.com%3E"),)
 
 
 def test_bcast_response_parses_with_both_vias() -> None:

@@ -163,6 +163,13 @@ class Kamailio:
         return DOMAIN
 
     @property
+    def pid(self) -> int:
+        """The main Kamailio process; its workers are in the same process group."""
+        if self._process is None:
+            raise RuntimeError("Kamailio is not running")
+        return self._process.pid
+
+    @property
     def tls_server_name(self) -> str:
         return TLS_SERVER_NAME
 
@@ -317,7 +324,8 @@ class Kamailio:
             "-Y", str(self.runtime_dir),
             "-w", str(self.workdir),  # working directory (core files)
             "-m", "64",
-            "-M", "8",
+            # Private memory of each process: the config holds a line per user.
+            "-M", str(max(8, len(self.users) // 100)),
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             log.write(f"==== {' '.join(command)}\n".encode())
@@ -576,6 +584,7 @@ log_stderror=yes
 children=2
 tcp_children=2
 auto_aliases=no
+pv_cache_limit={2 * len(users) + 2048}
 dns=no
 rev_dns=no
 use_dns_cache=off
@@ -616,7 +625,7 @@ modparam("tls", "tls_method", "TLSv1.2+")
 modparam("tls", "verify_certificate", 0)
 modparam("tls", "require_certificate", 0)
 
-modparam("htable", "htable", "users=>size=4;")
+modparam("htable", "htable", "users=>size={max(4, (len(users) - 1).bit_length())};")
 modparam("auth", "algorithm", "{digest_algorithm}")
 
 modparam("usrloc", "db_mode", 0)

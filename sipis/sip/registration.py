@@ -21,8 +21,9 @@ Answers and what they do:
 
 * 2xx: the registrar's expiry for our contact (its ``expires`` parameter,
   else Expires, else what we asked) sets ``registered_until``; the refresh
-  is scheduled at a random point between 75 % and 90 % of it, so bindings
-  created together drift apart instead of refreshing in bursts.
+  is scheduled at a random point between 75 % and 90 % of it (and at least
+  ``REFRESH_MARGIN`` before it ends), so bindings created together drift
+  apart instead of refreshing in bursts.
 * 401/407: answered with digest credentials (the strongest challenge).  A
   refresh pre-authorizes with the cached challenge and its next nonce count.
   Credentials computed for a fresh challenge that earn another challenge
@@ -56,6 +57,7 @@ from .transaction import DEFAULT_TIMERS, ClientNonInviteTransaction, TimedOut, T
 from .uri import SipUri
 
 MAX_REDIRECTS = 5
+REFRESH_MARGIN = 2.0
 MAX_AUTH_ROUNDS = 3
 _TRANSIENT_4XX = frozenset({408, 429, 480})
 _RETRY_AFTER = re.compile(r"\s*(\d{1,10})")
@@ -342,8 +344,10 @@ class RegistrationSession:
         self.service_route = tuple(response.header_name_addrs("Service-Route"))
         flow_timer = response.headers.get("Flow-Timer")
         self.flow_timer = int(flow_timer) if flow_timer and flow_timer.isdigit() else None
+        # Registrars count expiry in whole seconds, so keep a margin of at least
+        # REFRESH_MARGIN even when the jittered fraction would leave less.
         fraction = self._rng.uniform(0.75, 0.9)
-        self._register_at = now + max(1.0, granted * fraction)
+        self._register_at = now + max(1.0, min(granted * fraction, granted - REFRESH_MARGIN))
 
     def _granted_expiry(self, response: Response) -> int:
         """Our contact's expiry as the registrar stated it (RFC 3261 §10.2.4)."""

@@ -439,7 +439,9 @@ class Kamailio:
         lookup() already ignores it; so does this.
         """
         output = await self._kamcmd("ul.lookup", "location", aor)
-        if output.startswith("error:") and "not found" in output.lower():
+        if output.startswith("error:") and (
+            "not found" in output.lower() or "has no contacts" in output.lower()
+        ):
             return []
         if output.startswith("error:"):
             raise KamailioError(f"ul.lookup location {aor}: {output.strip()}")

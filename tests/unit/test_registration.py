@@ -311,3 +311,10 @@ def test_password_never_in_repr_or_wire() -> None:
     sent = registrar.take().serialize()
     assert b"s3cret-pw" not in sent
     assert "s3cret-pw" not in repr(session.config)
+
+
+def test_short_registrations_refresh_with_a_margin() -> None:
+    """Registrars count in whole seconds: a 5 s binding is refreshed 2 s before it ends."""
+    session, registrar = started(expires=5)
+    registrar.answer(registrar.take(), 200, 10.0)
+    assert session.deadline == pytest.approx(13.0)

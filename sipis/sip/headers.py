@@ -186,7 +186,8 @@ _VIA_RE = re.compile(
     rf"({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]+({HOST})"
     r"(?:[ \t]*:[ \t]*(\d{1,5}))?" + PARAMS_TAIL
 )
-_PORT_RE = re.compile(r"\d{1,5}\Z")
+# The value of an rport parameter, if it has one (RFC 3581: rport = "rport" [EQUAL 1*DIGIT]).
+_RPORT_RE = re.compile(r";[ \t]*rport[ \t]*=[ \t]*([^ \t;,]*)", re.IGNORECASE)
 
 
 class _Parameterised:
@@ -198,9 +199,8 @@ class _Parameterised:
 
     __slots__ = ("_params", "_tail")
 
-    def __init__(self, params: Params | None, tail: str) -> None:
-        self._params = params
-        self._tail = tail
+    _params: Params | None
+    _tail: str
 
     @property
     def params(self) -> Params:
@@ -224,7 +224,8 @@ class Via(_Parameterised):
         *,
         tail: str = "",
     ) -> None:
-        super().__init__(params if params is not None or tail else {}, tail)
+        self._params = params if params is not None or tail else {}
+        self._tail = tail
         self.transport = transport
         self.host = host
         self.port = port
@@ -265,23 +266,18 @@ def parse_via(text: str) -> Via:
     if m is None:
         raise SipError(f"malformed Via {text!r}")
     name, version, transport, host, port, tail = m.groups()
-    if version != "2.0" or name.upper() != "SIP":
+    if version != "2.0" or (name != "SIP" and name.upper() != "SIP"):
         raise SipError(f"unsupported protocol {name}/{version} in Via", status=505)
-    via = Via(transport.upper(), host, _port(port), tail=tail)
-    if "rport=" in tail:
-        rport = via.params.get("rport")
-        if rport is not None and (not _PORT_RE.match(rport) or int(rport) > 65535):
-            raise SipError(f"malformed rport {rport!r}")
-    return via
+    rport = _RPORT_RE.search(tail) if tail else None
+    if rport is not None and not (rport.group(1).isdigit() and int(rport.group(1)) <= 65535):
+        raise SipError(f"malformed rport in Via {text!r}")
+    number = None if port is None else int(port)
+    if number is not None and number > 65535:
+        raise SipError(f"port {number} out of range in Via")
+    return Via(_TRANSPORTS.get(transport) or transport.upper(), host, number, tail=tail)
 
 
-def _port(text: str | None) -> int | None:
-    if text is None:
-        return None
-    port = int(text)
-    if port > 65535:
-        raise SipError(f"port {port} out of range")
-    return port
+_TRANSPORTS = {name: name.upper() for name in ("UDP", "TCP", "TLS", "udp", "tcp", "tls")}
 
 
 # name-addr with a quoted or a token display name, or a bare addr-spec, each then params.
@@ -304,7 +300,8 @@ class NameAddr(_Parameterised):
         *,
         tail: str = "",
     ) -> None:
-        super().__init__(params if params is not None or tail else {}, tail)
+        self._params = params if params is not None or tail else {}
+        self._tail = tail
         self.uri = uri
         self.display_name = display_name
 

@@ -260,6 +260,7 @@ _parse_max_forwards = _one("Max-Forwards", lambda v: parse_uint(v, "Max-Forwards
 _parse_content_length = _one(
     "Content-Length", lambda v: parse_uint(v, "Content-Length", MAX_MESSAGE_SIZE)
 )
+_REQUIRED = (("Call-ID", _parse_call_id), ("From", _parse_from), ("To", _parse_to))
 _parse_min_expires = _one("Min-Expires", lambda v: parse_uint(v, "Min-Expires", 2**32 - 1))
 
 
@@ -424,6 +425,7 @@ def _read_head(head: bytes) -> Message:
     start = lines[0]
     fields: list[tuple[str, str, str]] = []
     index: dict[str, list[str]] = {}
+    duplicate: str | None = None
     spellings = _SPELLINGS
     for i in range(1, len(lines)):
         name, colon, value = lines[i].partition(":")
@@ -443,18 +445,30 @@ def _read_head(head: bytes) -> Message:
             index[key] = [value]
         else:
             values.append(value)
+            if key in SINGLE_HEADERS:
+                duplicate = key
     headers = Headers._from_parsed(fields, index)
+    msg = (
+        _status_line(start, headers) if start.startswith("SIP/") else _request_line(start, headers)
+    )
+    if duplicate is not None:
+        raise ParseError(SipError(f"more than one {duplicate} header"), msg)
+    return msg
 
-    if start.startswith("SIP/"):
-        m = _STATUS_LINE.match(start)
-        if m is None:
-            raise SipError(f"malformed status line {start[:80]!r}")
-        if m.group(1) != "2.0":
-            raise SipError(f"unsupported version SIP/{m.group(1)}", status=505)
-        status = int(m.group(2))
-        if status < 100:
-            raise SipError(f"status code {status} out of range")
-        return Response(status, m.group(3), headers)
+
+def _status_line(start: str, headers: Headers) -> Response:
+    m = _STATUS_LINE.match(start)
+    if m is None:
+        raise SipError(f"malformed status line {start[:80]!r}")
+    if m.group(1) != "2.0":
+        raise SipError(f"unsupported version SIP/{m.group(1)}", status=505)
+    status = int(m.group(2))
+    if status < 100:
+        raise SipError(f"status code {status} out of range")
+    return Response(status, m.group(3), headers)
+
+
+def _request_line(start: str, headers: Headers) -> Request:
     m = _REQUEST_LINE.match(start)
     if m is None:
         method = start.partition(" ")[0]
@@ -478,21 +492,31 @@ _ANY_URI: Uri = SipUri(host="invalid")
 
 
 def _validate(msg: Message) -> None:
-    """Eager checks of the headers every message relies on."""
-    for key, values in (msg.headers._index or {}).items():
-        if len(values) > 1 and key in SINGLE_HEADERS:
-            raise SipError(f"more than one {key} header")
-    if not msg.vias:
+    """Eager checks of the headers every message relies on.
+
+    Calls the same parsers as the properties, straight on the index, and
+    leaves their results in the cache where the properties find them.
+    """
+    headers = msg.headers
+    index = headers._index or {}
+    cache = headers._cache
+    via_fields = index.get("Via")
+    vias = cache["Via"] = _vias(
+        [v for field in via_fields for v in split_list(field)] if via_fields else []
+    )
+    if not vias:
         raise SipError("missing Via")
-    cseq = msg.cseq
+    cseq = cache["CSeq"] = _parse_cseq(index.get("CSeq", _NONE))
+    if cseq is None:
+        raise SipError("missing CSeq")
     if isinstance(msg, Request) and cseq.method != msg.method:
         # RFC 4475 §3.1.2.18: an unknown method is better answered "not implemented".
         status = 400 if msg.method in KNOWN_METHODS else 501
         raise SipError(f"CSeq method {cseq.method} does not match {msg.method}", status)
-    msg.call_id  # noqa: B018 - parsed for validation, cached for later
-    msg.from_  # noqa: B018
-    msg.to  # noqa: B018
-    msg.max_forwards  # noqa: B018
+    for key, parser in _REQUIRED:
+        if (cache.setdefault(key, parser(index.get(key, _NONE)))) is None:
+            raise SipError(f"missing {key}")
+    cache["Max-Forwards"] = _parse_max_forwards(index.get("Max-Forwards", _NONE))
 
 
 def parse_message(data: bytes, *, datagram: bool = True) -> Message:

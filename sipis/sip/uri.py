@@ -58,7 +58,7 @@ _STRICT_HOSTNAME = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?\Z"
 )
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_URI_PARAM = re.compile(rf";({_PARAMCHAR}+)(?:=({_PARAMCHAR}+))?")
+_URI_PARAM_PAIRS = re.compile(rf";({_PARAMCHAR}+)(?:=({_PARAMCHAR}+))?")
 _TEL_URI = re.compile(
     r"(?P<scheme>[Tt][Ee][Ll]):(?P<number>\+?[0-9A-Fa-f*#.\-()]+)"
     rf"(?P<params>(?:;{_PARAMCHAR}+(?:={_PARAMCHAR}+)?)*)\Z"
@@ -80,26 +80,66 @@ def is_ip_literal(host: str) -> bool:
 
 
 def _parse_uri_params(text: str) -> Params:
-    params: Params = {}
-    for m in _URI_PARAM.finditer(text):
-        name = unescape(m.group(1)).lower()
-        if name in params:
-            raise SipError(f"duplicate URI parameter {name!r}")
-        params[name] = m.group(2)
-    return params
+    """``*( ";" uri-parameter )``, names unescaped and lowercased; a repeated name keeps
+    its last value."""
+    return {unescape(name).lower(): value or None for name, value in _URI_PARAM_PAIRS.findall(text)}
 
 
-@dataclass(slots=True)
 class SipUri:
-    """A ``sip:`` or ``sips:`` URI."""
+    """A ``sip:`` or ``sips:`` URI.
 
-    host: str
-    user: str | None = None
-    port: int | None = None
-    scheme: str = "sip"
-    password: str | None = None
-    params: Params = field(default_factory=dict)
-    headers: tuple[tuple[str, str], ...] = ()
+    Its parameters are split into a dict only when first read: the grammar
+    of the whole parameter string was checked when the URI was parsed.
+    """
+
+    __slots__ = ("_params", "_tail", "headers", "host", "password", "port", "scheme", "user")
+
+    def __init__(
+        self,
+        host: str,
+        user: str | None = None,
+        port: int | None = None,
+        scheme: str = "sip",
+        password: str | None = None,
+        params: Params | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        tail: str = "",
+    ) -> None:
+        self.host = host
+        self.user = user
+        self.port = port
+        self.scheme = scheme
+        self.password = password
+        self._params = params if params is not None or tail else {}
+        self._tail = tail
+        self.headers = headers
+
+    @property
+    def params(self) -> Params:
+        params = self._params
+        if params is None:
+            params = self._params = _parse_uri_params(self._tail)
+        return params
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.host,
+            self.user,
+            self.port,
+            self.scheme,
+            self.password,
+            self.params,
+            self.headers,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SipUri) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SipUri({str(self)!r})"
 
     @property
     def secure(self) -> bool:
@@ -224,8 +264,9 @@ def parse_uri(text: str) -> Uri:
             None if port is None else int(port),
             "sip" if len(scheme) == 3 else "sips",
             password,
-            _parse_uri_params(params) if params else {},
+            None,
             tuple(_split_uri_header(h) for h in headers.split("&")) if headers else (),
+            tail=params,
         )
     scheme = text.partition(":")[0].lower()
     if scheme in ("sip", "sips"):

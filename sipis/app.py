@@ -7,9 +7,9 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from sipis import inbound
 from sipis.bindings import BindingManager
 from sipis.config import Config
+from sipis.inbound import Inbound
 from sipis.sip.message import Message, ParseError
 from sipis.transport.flow import Flow
 from sipis.transport.layer import TransportLayer, TransportSettings
@@ -24,9 +24,11 @@ class Relay:
 
     transport: TransportLayer
     bindings: BindingManager
+    inbound: Inbound
 
     async def close(self) -> None:
         await self.bindings.close()
+        self.inbound.close()
         await self.transport.close()
 
 
@@ -47,9 +49,10 @@ async def start_relay(config: Config) -> Relay:
 
     transport = TransportLayer(dispatch, settings)
     resolver = Resolver(list(config.dns.nameservers) or None, timeout=config.dns.timeout)
+    inbound = Inbound()
     bindings = BindingManager(transport, resolver, on_request=inbound.handle)
     await transport.start()
-    return Relay(transport, bindings)
+    return Relay(transport, bindings, inbound)
 
 
 async def serve(config: Config) -> None:

@@ -1,4 +1,4 @@
-"""Requests that reach the relay's SIP endpoint, answered statelessly.
+"""Requests that reach the relay's SIP endpoint.
 
 The provider's servers send OPTIONS pings along registration flows; they are
 answered 200.  Calls and messages cannot reach anybody yet: INVITE and
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 
+from sipis.server_transactions import ServerTransaction, ServerTransactions
 from sipis.sip.errors import SipError
 from sipis.sip.message import ParseError, Request, Response
+from sipis.sip.transaction import DEFAULT_TIMERS, Timers
 from sipis.sip.uas import UasPolicy, make_response, preflight
 from sipis.transport.flow import Flow, FlowClosed
 
@@ -48,14 +50,33 @@ def answer(request: Request | ParseError) -> Response | None:
     return make_response(request, 481)
 
 
-def handle(request: Request | ParseError, flow: Flow) -> None:
-    """Answer ``request`` over the flow it came on."""
-    response = answer(request)
-    if response is None:
-        return
-    try:
-        source = request.partial if isinstance(request, ParseError) else request
-        assert source is not None
-        flow.reply(response.serialize(), source.via)
-    except (SipError, FlowClosed) as exc:
-        log.debug("no answer sent on %r: %s", flow, exc)
+class Inbound:
+    """Answers the requests that reach the SIP endpoint, each in its server transaction.
+
+    A malformed request cannot have a transaction (its keys may be what is
+    broken) and is answered statelessly, once per copy.
+    """
+
+    def __init__(self, *, timers: Timers = DEFAULT_TIMERS) -> None:
+        self.transactions = ServerTransactions(self._answer, timers=timers)
+
+    def handle(self, request: Request | ParseError, flow: Flow) -> None:
+        if isinstance(request, Request):
+            self.transactions.receive(request, flow)
+            return
+        response = answer(request)
+        partial = request.partial
+        if response is None or partial is None:
+            return
+        try:
+            flow.reply(response.serialize(), partial.via)
+        except (SipError, FlowClosed) as exc:
+            log.debug("no answer sent on %r: %s", flow, exc)
+
+    def _answer(self, transaction: ServerTransaction) -> None:
+        response = answer(transaction.request)
+        if response is not None:
+            transaction.respond(response)
+
+    def close(self) -> None:
+        self.transactions.close()

@@ -202,10 +202,10 @@ class ClientNonInviteTransaction(_Transaction):
         return TimedOut(reason)
 
 
-class ServerNonInviteTransaction(_Transaction):
-    """Answers one non-INVITE request, absorbing its retransmissions."""
+class _ServerTransaction(_Transaction):
+    """What both server transactions keep: the request and the last response sent."""
 
-    __slots__ = ("_j_at", "_last", "request")
+    __slots__ = ("_last", "request")
 
     def __init__(
         self,
@@ -217,6 +217,21 @@ class ServerNonInviteTransaction(_Transaction):
         super().__init__(reliable, timers)
         self.request = request
         self._last: bytes | None = None
+
+
+class ServerNonInviteTransaction(_ServerTransaction):
+    """Answers one non-INVITE request, absorbing its retransmissions."""
+
+    __slots__ = ("_j_at",)
+
+    def __init__(
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: Timers = DEFAULT_TIMERS,
+    ) -> None:
+        super().__init__(request, reliable=reliable, timers=timers)
         self._j_at: float | None = None
 
     @property
@@ -244,10 +259,10 @@ class ServerNonInviteTransaction(_Transaction):
             self.state = State.TERMINATED
 
 
-class ServerInviteTransaction(_Transaction):
+class ServerInviteTransaction(_ServerTransaction):
     """Answers one INVITE: provisional responses, then a final one until ACKed."""
 
-    __slots__ = ("_g_at", "_g_interval", "_h_at", "_i_at", "_l_at", "_last", "request")
+    __slots__ = ("_g_at", "_g_interval", "_h_at", "_i_at", "_l_at")
 
     def __init__(
         self,
@@ -256,10 +271,8 @@ class ServerInviteTransaction(_Transaction):
         reliable: bool,
         timers: Timers = DEFAULT_TIMERS,
     ) -> None:
-        super().__init__(reliable, timers)
+        super().__init__(request, reliable=reliable, timers=timers)
         self.state = State.PROCEEDING
-        self.request = request
-        self._last: bytes | None = None
         self._g_interval = timers.t1
         self._g_at: float | None = None
         self._h_at: float | None = None

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from sipis import inbound
 from sipis.bindings import BindingManager
+from sipis.inbound import Inbound
 from sipis.sip.message import Message, ParseError
 from sipis.sip.registration import (
     Backoff,
@@ -71,6 +71,7 @@ async def running_relay(
     )
     await transport.start()
     resolver = Resolver(nameservers or [("127.0.0.1", 9)], timeout=1.0)
+    inbound = Inbound(timers=timers)
     bindings = BindingManager(
         transport, resolver, on_request=inbound.handle, timers=timers, backoff=backoff
     )
@@ -78,6 +79,7 @@ async def running_relay(
         yield RelayUnderTest(transport, bindings)
     finally:
         await bindings.close()
+        inbound.close()
         await transport.close()
 
 

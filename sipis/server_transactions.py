@@ -1,0 +1,120 @@
+"""Server transactions over real flows: the IO side of ``sipis.sip.transaction``.
+
+Every request that is not a retransmission opens a transaction, keyed as
+RFC 3261 §17.2.3 says, and goes to the handler once; retransmissions and
+ACKs for non-2xx finals stay here.  Responses go out over the flow the
+request came on (to the Via's rport/received address on UDP), the
+transaction's timers (G, H, I, J, L) run on one shared scheduler, and a
+terminated transaction is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from sipis.scheduler import Scheduler
+from sipis.sip.message import Request, Response
+from sipis.sip.transaction import (
+    DEFAULT_TIMERS,
+    ServerInviteTransaction,
+    ServerNonInviteTransaction,
+    Timers,
+    server_key,
+)
+from sipis.transport.flow import Flow, FlowClosed
+
+log = logging.getLogger(__name__)
+
+
+class ServerTransaction:
+    """One request being answered: respond through it, as often as the method allows."""
+
+    __slots__ = ("_table", "due", "flow", "key", "txn")
+
+    def __init__(
+        self,
+        table: ServerTransactions,
+        key: tuple[str, ...],
+        txn: ServerInviteTransaction | ServerNonInviteTransaction,
+        flow: Flow,
+    ) -> None:
+        self._table = table
+        self.key = key
+        self.txn = txn
+        self.flow = flow
+        self.due: float | None = None
+
+    @property
+    def request(self) -> Request:
+        return self.txn.request
+
+    def respond(self, response: Response) -> None:
+        self.txn.respond(response, self._table.now())
+        self._table.drive(self)
+
+
+class ServerTransactions:
+    """The table of live server transactions and their timers."""
+
+    def __init__(
+        self,
+        on_request: Callable[[ServerTransaction], None],
+        *,
+        timers: Timers = DEFAULT_TIMERS,
+    ) -> None:
+        self._on_request = on_request
+        self._timers = timers
+        self._loop = asyncio.get_running_loop()
+        self._table: dict[tuple[str, ...], ServerTransaction] = {}
+        self._scheduler: Scheduler[ServerTransaction] = Scheduler(self._loop, self._fire)
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def receive(self, request: Request, flow: Flow) -> None:
+        key = server_key(request)
+        existing = self._table.get(key)
+        if request.method == "ACK":
+            if existing is not None and isinstance(existing.txn, ServerInviteTransaction):
+                existing.txn.receive_ack(self.now())
+                self.drive(existing)
+            return
+        if existing is not None:
+            existing.txn.receive_retransmission()
+            self.drive(existing)
+            return
+        reliable = flow.reliable
+        txn: ServerInviteTransaction | ServerNonInviteTransaction
+        if request.method == "INVITE":
+            txn = ServerInviteTransaction(request, reliable=reliable, timers=self._timers)
+        else:
+            txn = ServerNonInviteTransaction(request, reliable=reliable, timers=self._timers)
+        entry = self._table[key] = ServerTransaction(self, key, txn, flow)
+        self._on_request(entry)
+
+    def drive(self, entry: ServerTransaction) -> None:
+        via = entry.request.via
+        for data in entry.txn.outgoing():
+            try:
+                entry.flow.reply(data, via)
+            except FlowClosed:
+                log.debug("response not sent: %r is closed", entry.flow)
+        if entry.txn.terminated:
+            self._scheduler.schedule(entry, None)
+            if self._table.get(entry.key) is entry:
+                del self._table[entry.key]
+        else:
+            self._scheduler.schedule(entry, entry.txn.deadline)
+
+    def _fire(self, entry: ServerTransaction) -> None:
+        entry.txn.on_timer(self.now())
+        self.drive(entry)
+
+    def close(self) -> None:
+        self._scheduler.close()
+        self._table.clear()

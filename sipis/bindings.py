@@ -215,10 +215,12 @@ class BindingManager:
             )
             flow, index = await self._first_flow(binding, targets)
         except (ResolveError, ConnectionError, OSError, TimeoutError) as exc:
-            binding._connecting = None
-            session.flow_failed(self._loop.time(), _reason(exc))
-            log.info("binding %s: no flow to %s: %s", binding.key, target_uri, _reason(exc))
-            self._drive(binding)
+            self._no_flow(binding, _reason(exc))
+            return
+        except Exception:
+            # A failure nobody foresaw must not leave the binding waiting forever.
+            log.exception("binding %s: opening a flow to %s failed", binding.key, target_uri)
+            self._no_flow(binding, "internal error")
             return
         binding._connecting = None
         if binding.key not in self._bindings:
@@ -226,6 +228,12 @@ class BindingManager:
         binding._target_index = index
         self._use_flow(binding, flow)
         session.on_timer(self._loop.time())
+        self._drive(binding)
+
+    def _no_flow(self, binding: Binding, reason: str) -> None:
+        binding._connecting = None
+        binding.session.flow_failed(self._loop.time(), reason)
+        log.info("binding %s: no flow to %s: %s", binding.key, binding.session.target, reason)
         self._drive(binding)
 
     async def _first_flow(self, binding: Binding, targets: list[Target]) -> tuple[Flow, int]:

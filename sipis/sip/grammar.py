@@ -28,7 +28,6 @@ HOST = r"(?:[A-Za-z0-9\-.]++|" + IPV6_REFERENCE + ")"
 #           "(" / ")" / "<" / ">" / ":" / "\" / DQUOTE / "/" / "[" / "]" / "?" / "{" / "}" )
 WORD = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]++"
 
-TOKEN_RE = re.compile(TOKEN)
 _TOKEN_FULL = re.compile(TOKEN + r"\Z")
 _GEN_VALUE = TOKEN + "|" + IPV6_REFERENCE + "|" + QUOTED_STRING
 _PARAM_RE = re.compile(r"[ \t]*;[ \t]*(" + TOKEN + r")(?:[ \t]*=[ \t]*(" + _GEN_VALUE + "))?")
@@ -40,10 +39,6 @@ _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _NEEDS_ESCAPE = re.compile(r'(["\\])')
 
 Params = dict[str, str | None]
-
-
-def is_token(text: str) -> bool:
-    return _TOKEN_FULL.match(text) is not None
 
 
 def parse_params(tail: str) -> Params:

@@ -174,22 +174,10 @@ class Headers:
         self._fields.append((*key_and_name(name), value))
         self._changed()
 
-    def prepend(self, name: str, value: str) -> None:
-        self._fields.insert(0, (*key_and_name(name), value))
-        self._changed()
-
     def remove(self, name: str) -> None:
         key = header_key(name)
         self._fields = [f for f in self._fields if f[0] != key]
         self._changed()
-
-    def remove_first(self, name: str) -> None:
-        key = header_key(name)
-        for i, field in enumerate(self._fields):
-            if field[0] == key:
-                del self._fields[i]
-                self._changed()
-                return
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of ``name`` by one, where the first one stood."""
@@ -207,13 +195,6 @@ class Headers:
             fields.append(new)
         self._fields = fields
         self._changed()
-
-    def copy(self) -> Headers:
-        headers = Headers.__new__(Headers)
-        headers._fields = list(self._fields)
-        headers._index = None
-        headers._cache = {}
-        return headers
 
 
 _NONE: list[str] = []
@@ -256,7 +237,9 @@ _parse_from = _one("From", parse_name_addr)
 _parse_to = _one("To", parse_name_addr)
 _parse_call_id = _one("Call-ID", _call_id)
 _parse_cseq = _one("CSeq", parse_cseq)
-_parse_max_forwards = _one("Max-Forwards", lambda v: parse_uint(v, "Max-Forwards", 255))
+_parse_max_forwards = _one(
+    "Max-Forwards", lambda v: parse_uint(v, "Max-Forwards", MAX_FORWARDS_LIMIT)
+)
 _parse_content_length = _one(
     "Content-Length", lambda v: parse_uint(v, "Content-Length", MAX_MESSAGE_SIZE)
 )

@@ -40,7 +40,6 @@ _USER = rf"[{_UNRESERVED}&=+$,;?/]++"
 _PASSWORD = rf"[{_UNRESERVED}&=+$,]*+"
 _PARAMCHAR = rf"[{_UNRESERVED}\[\]/:&+$]"
 _HNV = rf"[{_UNRESERVED}\[\]/?:+$]"
-_IPV4 = r"\d{1,3}(?:\.\d{1,3}){3}"
 _IPV6 = r"\[[0-9A-Fa-f:.]++\]"
 _HOSTNAME = r"[A-Za-z0-9][A-Za-z0-9\-.]*+"
 
@@ -64,7 +63,6 @@ _TEL_URI = re.compile(
     rf"(?P<params>(?:;{_PARAMCHAR}+(?:={_PARAMCHAR}+)?)*)\Z"
 )
 _ABSOLUTE_URI = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+\-.]*):(?P<rest>[^\s<>\"]+)\Z")
-_IPV4_FULL = re.compile(_IPV4 + r"\Z")
 
 # §19.1.4: these URI parameters must match when either URI carries them.
 _SIGNIFICANT_PARAMS = ("user", "ttl", "method", "maddr", "transport")
@@ -73,10 +71,6 @@ _SIGNIFICANT_PARAMS = ("user", "ttl", "method", "maddr", "transport")
 def unescape(text: str) -> str:
     """Percent-decode ``text`` (invalid UTF-8 survives as surrogate escapes)."""
     return _percent_decode(text, errors="surrogateescape") if "%" in text else text
-
-
-def is_ip_literal(host: str) -> bool:
-    return host.startswith("[") or _IPV4_FULL.match(host) is not None
 
 
 def _parse_uri_params(text: str) -> Params:

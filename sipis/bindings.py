@@ -34,6 +34,7 @@ from sipis.sip.registration import (
     RegistrationStatus,
 )
 from sipis.sip.transaction import DEFAULT_TIMERS, Timers
+from sipis.sip.uri import SipUri
 from sipis.transport.flow import Flow, FlowClosed
 from sipis.transport.layer import TransportLayer
 from sipis.transport.resolver import ResolveError, Resolver, Target
@@ -48,6 +49,7 @@ class Binding:
 
     __slots__ = (
         "_connecting",
+        "_index_target",
         "_stopped",
         "_target_index",
         "due",
@@ -69,6 +71,7 @@ class Binding:
         self.due: float | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._target_index = 0
+        self._index_target: SipUri | None = None
         self._stopped: asyncio.Future[None] | None = None
 
     def flow_lost(self, flow: Flow) -> None:
@@ -237,7 +240,18 @@ class BindingManager:
         self._drive(binding)
 
     async def _first_flow(self, binding: Binding, targets: list[Target]) -> tuple[Flow, int]:
-        """Try the targets in order, starting after the one that last went silent."""
+        """Try the targets in order, starting after the one that last went silent.
+
+        A session that asks for a new flow while its flow is still up got no
+        answer through it: that target is skipped this time.  After a
+        redirect the count starts again from the first target.
+        """
+        target_uri = binding.session.target
+        if binding._index_target is not target_uri:
+            binding._index_target = target_uri
+            binding._target_index = 0
+        elif binding.flow is not None and binding.flow.alive:
+            binding._target_index += 1
         start = binding._target_index % len(targets)
         last_error: Exception = ConnectionError("no target")
         for offset in range(len(targets)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -11,6 +12,7 @@ from tests.conftest import PEER_USERS
 from tests.peers.dnsserver import DnsServer
 from tests.peers.kamailio import Kamailio
 from tests.peers.relay import account, running_relay
+from tests.peers.sipp import SippServer
 
 pytestmark = pytest.mark.peer
 
@@ -115,3 +117,22 @@ async def test_untrusted_registrar_certificate_is_refused(kamailio: Kamailio) ->
         assert status.reason is not None and "certificate verify failed" in status.reason
         await asyncio.sleep(0.5)
         assert await kamailio.contacts("alice") == []
+
+
+async def test_failover_from_a_silent_srv_target_to_the_next(
+    kamailio: Kamailio, sipp_registrar: Callable[..., SippServer]
+) -> None:
+    async with sipp_registrar("reg_silent.xml") as silent:
+        zone = [
+            ("_sip._udp.example.test.", "SRV", 60, f"10 0 {silent.port} dead.example.test."),
+            ("_sip._udp.example.test.", "SRV", 60, f"20 0 {kamailio.udp_port} registrar.test."),
+            ("dead.example.test.", "A", 60, "127.0.0.1"),
+            ("registrar.test.", "A", 60, "127.0.0.1"),
+        ]
+        async with DnsServer(zone) as dns, running_relay(nameservers=[dns.address]) as relay:
+            relay.bindings.add("alice", account("alice", ALICE, "sip:example.test;transport=udp"))
+            status = await relay.registered("alice", timeout=15)
+            assert status.failures == 0, "the failure count resets on success"
+            assert len(silent.received("REGISTER")) >= 1, "the first target was tried first"
+            [contact] = await kamailio.wait_for_contacts("alice", bool)
+            assert contact["socket"] == f"udp:127.0.0.1:{kamailio.udp_port}"

@@ -136,3 +136,19 @@ async def test_failover_from_a_silent_srv_target_to_the_next(
             assert len(silent.received("REGISTER")) >= 1, "the first target was tried first"
             [contact] = await kamailio.wait_for_contacts("alice", bool)
             assert contact["socket"] == f"udp:127.0.0.1:{kamailio.udp_port}"
+
+
+async def test_no_password_or_digest_answer_in_debug_logs(
+    kamailio: Kamailio, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    async with running_relay() as relay:
+        relay.bindings.add("alice", account("alice", ALICE, kamailio.uri("udp")))
+        relay.bindings.add("bob", account("bob", "a-wrong-password", kamailio.uri("tcp")))
+        await relay.registered("alice")
+        await relay.wait_for("bob", lambda s: s.state is RegistrationState.FAILED)
+        await relay.bindings.remove("alice")
+    text = caplog.text + "".join(repr(r.args) for r in caplog.records)
+    assert caplog.records, "debug logging was captured"
+    for secret in (ALICE, "a-wrong-password", "response=", "Authorization"):
+        assert secret not in text

@@ -1,0 +1,101 @@
+"""The store interface: narrow enough that another database is a second implementation.
+
+Rows hold what the instance service gives them: personal data arrives
+already encrypted (``bytes`` fields) under the instance's data key, which
+itself arrives wrapped under the master key.  The store never sees a
+plaintext secret and never decides anything about lifetimes; it keeps
+rows, makes every change durable before returning, and erases an instance
+and appends its purge-log entry in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from sipis.audit import Checkpoint, PurgeEntry
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (the database is unusable, full, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    """One SIP account of an instance: its label, settings and password, both encrypted."""
+
+    account_id: str
+    settings: bytes
+    password: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    """One app install: push routing in clear, everything personal encrypted."""
+
+    id: str
+    secret_hash: bytes
+    platform: str
+    app_id: str
+    environment: str
+    data_key: bytes
+    push: bytes
+    payload_key: bytes | None
+    paused: bool
+    created_at: float
+    expires_at: float
+    warned_at: float | None
+    accounts: tuple[AccountRow, ...]
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def insert(self, row: InstanceRow) -> None:
+        """Add a new instance with its accounts."""
+
+    async def replace(self, row: InstanceRow) -> bool:
+        """Overwrite an existing instance and its accounts; False if it is gone."""
+
+    async def get(self, instance_id: str) -> InstanceRow | None: ...
+
+    async def all(self) -> list[InstanceRow]:
+        """Every instance, for the bindings manager at start-up."""
+
+    async def expired(self, now: float) -> list[str]:
+        """Ids of the instances whose lifetime ended at or before ``now``."""
+
+    async def expiring(self, before: float) -> list[InstanceRow]:
+        """Instances ending before ``before`` that were not warned yet."""
+
+    async def mark_warned(self, instance_id: str, at: float) -> None: ...
+
+    async def erase(
+        self, instance_id: str, *, at: float, reason: str, subject: str, erased: Mapping[str, int]
+    ) -> PurgeEntry | None:
+        """Delete the instance and append its purge-log entry, in one transaction.
+
+        Returns the entry, or None when the instance was already gone (then
+        nothing is written).
+        """
+
+    async def purge_log(self, after: int = 0) -> list[PurgeEntry]: ...
+
+    async def checkpoints(self) -> list[Checkpoint]: ...
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+
+    async def scrub(self) -> bool:
+        """Leave no trace of deleted rows in the database files; False if it must wait."""
+
+    async def wrapped_keys(self) -> list[tuple[str, bytes]]:
+        """(instance id, wrapped data key) of every instance, for key rotation."""
+
+    async def rewrap(self, instance_id: str, old: bytes, new: bytes) -> bool:
+        """Replace a wrapped data key if it is still ``old`` (compare-and-set)."""
+
+    async def counts(self) -> dict[str, int]:
+        """Instances by platform and paused state, and purge-log entries by reason."""

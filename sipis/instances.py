@@ -1,0 +1,534 @@
+"""Instances: what an app hands over, kept encrypted, registered while active, erased on time.
+
+Theory of operation
+-------------------
+An instance is one app install: push routing, a lifetime, and one or more
+SIP accounts.  ``Instances`` is the only way in: the API calls ``create``,
+``authenticate``, ``view``, ``update`` and ``erase``; the lifecycle sweeper
+calls ``erase`` for expired instances and ``expiring`` for warnings.
+
+Every personal field goes into the store encrypted under the instance's own
+data key (AES-256-GCM, associated data = instance id + field name); the data
+key goes in wrapped under the master key.  Plaintext lives only in memory,
+in the registration sessions that need it to answer digest challenges.
+
+Each active (not paused) account has a binding in the ``BindingManager``,
+keyed ``<instance id>/<account id>``; the bindings follow every change:
+accounts added, changed, removed, pause and resume, erasure.
+
+Erasure: un-REGISTER every binding (bounded wait), then delete the rows and
+append the purge-log entry in one transaction, then scrub the database
+files.  Deleting the row destroys the only copy of the wrapped data key
+(crypto-shredding); ``secure_delete`` and the WAL truncation leave no
+ciphertext behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from sipis.audit import CHECKPOINT_EVERY, AuditKeys, PurgeEntry, make_checkpoint
+from sipis.bindings import BindingManager
+from sipis.crypto import DataKey, MasterKeyring, hash_secret, new_secret, secret_matches
+from sipis.sip.registration import RegistrationConfig, RegistrationState
+from sipis.sip.uri import SipUri, parse_sip_uri
+from sipis.store import AccountRow, InstanceRow, Store
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+REASONS = ("expired", "disabled", "token_invalid", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    """One SIP account as the app gave it, validated, password in clear."""
+
+    id: str
+    aor: str
+    auth_username: str
+    password: str
+    registrar: str
+    outbound_proxy: str | None = None
+    transport: str | None = None
+    expires: int = 600
+    display_name: str | None = None
+    verify_tls: bool = True
+
+    def __repr__(self) -> str:
+        return f"AccountSpec(id={self.id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class PushSpec:
+    call_token: str
+    other_token: str | None
+    environment: str
+
+    def __repr__(self) -> str:
+        return f"PushSpec(environment={self.environment!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    app_id: str
+    platform: str
+    push: PushSpec
+    accounts: tuple[AccountSpec, ...]
+    payload_key: bytes | None = None
+    lifetime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceChange:
+    """A PATCH: every field optional; ``accounts`` replaces the whole list.
+
+    An account in the new list whose password is None keeps the password it
+    had under the same id.
+    """
+
+    push: PushSpec | None = None
+    payload_key: bytes | None = None
+    lifetime: float | None = None
+    paused: bool | None = None
+    accounts: tuple[AccountSpec | KeepPassword, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeepPassword:
+    """An account to keep or change without repeating its password."""
+
+    spec: AccountSpec
+
+
+@dataclass(frozen=True, slots=True)
+class LifetimeBounds:
+    """The operator's bounds, inside the [3 days, 6 days] the product promises."""
+
+    minimum: float = 3 * DAY
+    maximum: float = 6 * DAY
+
+    def clamp(self, requested: float | None) -> float:
+        return min(
+            max(requested if requested is not None else self.maximum, self.minimum), self.maximum
+        )
+
+
+class InstanceGone(Exception):
+    """The instance does not exist (any more)."""
+
+
+@dataclass(slots=True)
+class _Account:
+    """An account as held in memory while its instance lives."""
+
+    spec: AccountSpec
+    contact_user: str
+    instance_urn: str
+
+
+@dataclass(slots=True)
+class _Live:
+    """An instance's decrypted accounts, for its bindings."""
+
+    paused: bool
+    accounts: list[_Account] = field(default_factory=list)
+
+
+ExpiringHook = Callable[[str], Awaitable[None]]
+
+
+class Instances:
+    """Create, read, change and erase instances; keep their bindings in step."""
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: MasterKeyring,
+        audit: AuditKeys,
+        bindings: BindingManager,
+        *,
+        bounds: LifetimeBounds = LifetimeBounds(),
+        unregister_wait: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._audit = audit
+        self._bindings = bindings
+        self.bounds = bounds
+        self._unregister_wait = unregister_wait
+        self._clock = clock
+        self._live: dict[str, _Live] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.expiring_hooks: list[ExpiringHook] = []
+
+    # -- start-up -------------------------------------------------------------------
+
+    async def start(self, *, spread: float = 60.0) -> int:
+        """Register every active instance's accounts, spread over ``spread`` seconds."""
+        rows = await self._store.all()
+        count = sum(len(r.accounts) for r in rows if not r.paused)
+        started = 0
+        for row in rows:
+            live = self._decrypt(row)
+            self._live[row.id] = live
+            if live.paused:
+                continue
+            for account in live.accounts:
+                delay = spread * started / count if count else 0.0
+                self._bind(row.id, account, delay)
+                started += 1
+        return started
+
+    # -- the API's operations ------------------------------------------------------------
+
+    async def create(self, spec: InstanceSpec) -> tuple[str, str, InstanceRow]:
+        """A new instance; returns its id, its secret (shown once) and its row."""
+        instance_id = _new_instance_id()
+        secret = new_secret()
+        now = self._clock()
+        key = DataKey.generate()
+        accounts = [
+            _Account(a, secrets.token_hex(10), f"urn:uuid:{uuid.uuid4()}") for a in spec.accounts
+        ]
+        row = InstanceRow(
+            id=instance_id,
+            secret_hash=hash_secret(secret),
+            platform=spec.platform,
+            app_id=spec.app_id,
+            environment=spec.push.environment,
+            data_key=self._keyring.wrap(instance_id, key),
+            push=_seal_push(key, instance_id, spec.push),
+            payload_key=None
+            if spec.payload_key is None
+            else key.encrypt(instance_id, "payload_key", spec.payload_key),
+            paused=False,
+            created_at=now,
+            expires_at=now + self.bounds.clamp(spec.lifetime),
+            warned_at=None,
+            accounts=tuple(_seal_account(key, instance_id, a) for a in accounts),
+        )
+        key.destroy()
+        await self._store.insert(row)
+        self._live[instance_id] = _Live(paused=False, accounts=accounts)
+        for account in accounts:
+            self._bind(instance_id, account, 0.0)
+        return instance_id, secret, row
+
+    async def authenticate(self, instance_id: str, secret: str) -> InstanceRow | None:
+        """The instance if ``secret`` is its secret; None otherwise (unknown id included)."""
+        row = await self._store.get(instance_id)
+        stored = row.secret_hash if row is not None else _NO_SECRET
+        matches = secret_matches(secret, stored)
+        return row if row is not None and matches else None
+
+    def view(self, row: InstanceRow) -> dict[str, Any]:
+        """Everything held about an instance except secrets (API.md, GET)."""
+        key = self._keyring.unwrap(row.id, row.data_key)
+        try:
+            push = json.loads(key.decrypt(row.id, "push", row.push))
+        finally:
+            key.destroy()
+        live = self._live.get(row.id)
+        accounts = [
+            self._account_view(row.id, a, row.paused) for a in (live.accounts if live else [])
+        ]
+        return {
+            "id": row.id,
+            "app_id": row.app_id,
+            "platform": row.platform,
+            "push": {
+                "call_token": _mask(push["call_token"]),
+                "other_token": _mask(push["other_token"]) if push.get("other_token") else None,
+                "environment": row.environment,
+            },
+            "payload_key": row.payload_key is not None,
+            "paused": row.paused,
+            "created_at": row.created_at,
+            "expires_at": row.expires_at,
+            "accounts": accounts,
+        }
+
+    async def update(self, row: InstanceRow, change: InstanceChange) -> InstanceRow:
+        """Apply a PATCH and renew the lifetime; the bindings follow."""
+        async with self._lock(row.id):
+            current = await self._store.get(row.id)
+            if current is None:
+                raise InstanceGone(row.id)
+            now = self._clock()
+            key = self._keyring.unwrap(current.id, current.data_key)
+            live = self._live.setdefault(current.id, self._decrypt(current))
+            try:
+                accounts = live.accounts
+                if change.accounts is not None:
+                    accounts = self._merge_accounts(live.accounts, change.accounts)
+                updated = replace(
+                    current,
+                    push=current.push
+                    if change.push is None
+                    else _seal_push(key, current.id, change.push),
+                    environment=current.environment
+                    if change.push is None
+                    else change.push.environment,
+                    payload_key=current.payload_key
+                    if change.payload_key is None
+                    else key.encrypt(current.id, "payload_key", change.payload_key),
+                    paused=current.paused if change.paused is None else change.paused,
+                    expires_at=now + self.bounds.clamp(change.lifetime),
+                    warned_at=None,
+                    accounts=tuple(_seal_account(key, current.id, a) for a in accounts),
+                )
+            finally:
+                key.destroy()
+            if not await self._store.replace(updated):
+                raise InstanceGone(row.id)
+            await self._follow(current.id, live, accounts, updated.paused)
+            return updated
+
+    async def erase(self, instance_id: str, reason: str) -> PurgeEntry | None:
+        """Un-REGISTER, delete, log and scrub; None if the instance was already gone."""
+        if reason not in REASONS:
+            raise ValueError(f"unknown erasure reason {reason!r}")
+        async with self._lock(instance_id):
+            row = await self._store.get(instance_id)
+            live = self._live.pop(instance_id, None)
+            if live is not None:
+                await asyncio.gather(
+                    *(
+                        self._bindings.remove(
+                            _binding_key(instance_id, a.spec.id), timeout=self._unregister_wait
+                        )
+                        for a in live.accounts
+                    )
+                )
+            if row is None:
+                return None
+            erased = {
+                "accounts": len(row.accounts),
+                "push_tokens": self._token_count(row),
+                "payload_key": int(row.payload_key is not None),
+                "data_key": 1,
+            }
+            entry = await self._store.erase(
+                instance_id,
+                at=self._clock(),
+                reason=reason,
+                subject=self._audit.subject(instance_id),
+                erased=erased,
+            )
+        self._locks.pop(instance_id, None)
+        if entry is not None:
+            if entry.seq % CHECKPOINT_EVERY == 0:
+                await self.checkpoint()
+            if not await self._store.scrub():
+                log.warning("database files not scrubbed yet: another connection holds them")
+        return entry
+
+    async def checkpoint(self) -> None:
+        """Sign the head of the purge log, if there is anything new to sign."""
+        entries = await self._store.purge_log(
+            after=max((c.seq for c in await self._store.checkpoints()), default=0)
+        )
+        if entries:
+            await self._store.add_checkpoint(
+                make_checkpoint(self._audit, entries[-1], self._clock())
+            )
+
+    # -- the lifecycle's operations ------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Erase every instance past its lifetime; warn those within a day of it."""
+        now = self._clock()
+        erased = 0
+        for instance_id in await self._store.expired(now):
+            if await self.erase(instance_id, "expired") is not None:
+                erased += 1
+        for row in await self._store.expiring(now + DAY):
+            for hook in self.expiring_hooks:
+                try:
+                    await hook(row.id)
+                except Exception:
+                    log.exception("expiry warning hook failed")
+            await self._store.mark_warned(row.id, now)
+        return erased
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _token_count(self, row: InstanceRow) -> int:
+        key = self._keyring.unwrap(row.id, row.data_key)
+        try:
+            push = json.loads(key.decrypt(row.id, "push", row.push))
+        finally:
+            key.destroy()
+        return sum(1 for name in ("call_token", "other_token") if push.get(name))
+
+    def _lock(self, instance_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(instance_id, asyncio.Lock())
+
+    def _decrypt(self, row: InstanceRow) -> _Live:
+        key = self._keyring.unwrap(row.id, row.data_key)
+        try:
+            accounts = []
+            for account in row.accounts:
+                settings = json.loads(
+                    key.decrypt(row.id, f"account:{account.account_id}", account.settings)
+                )
+                password = key.decrypt(
+                    row.id, f"password:{account.account_id}", account.password
+                ).decode()
+                contact_user = settings.pop("contact_user")
+                instance_urn = settings.pop("instance_urn")
+                accounts.append(
+                    _Account(AccountSpec(password=password, **settings), contact_user, instance_urn)
+                )
+        finally:
+            key.destroy()
+        return _Live(paused=row.paused, accounts=accounts)
+
+    def _merge_accounts(
+        self, old: list[_Account], new: tuple[AccountSpec | KeepPassword, ...]
+    ) -> list[_Account]:
+        by_id = {a.spec.id: a for a in old}
+        merged = []
+        for item in new:
+            spec = item.spec if isinstance(item, KeepPassword) else item
+            previous = by_id.get(spec.id)
+            if isinstance(item, KeepPassword):
+                if previous is None:
+                    raise ValueError(f"accounts: {spec.id!r} is new and needs a password")
+                spec = replace(spec, password=previous.spec.password)
+            if previous is not None:
+                merged.append(_Account(spec, previous.contact_user, previous.instance_urn))
+            else:
+                merged.append(_Account(spec, secrets.token_hex(10), f"urn:uuid:{uuid.uuid4()}"))
+        return merged
+
+    async def _follow(
+        self, instance_id: str, live: _Live, accounts: list[_Account], paused: bool
+    ) -> None:
+        """Make the bindings match ``accounts`` and ``paused``."""
+        old = {a.spec.id: a for a in live.accounts} if not live.paused else {}
+        new = {a.spec.id: a for a in accounts} if not paused else {}
+        stale = [k for k, a in old.items() if k not in new or new[k].spec != a.spec]
+        await asyncio.gather(
+            *(
+                self._bindings.remove(_binding_key(instance_id, k), timeout=self._unregister_wait)
+                for k in stale
+            )
+        )
+        for account_id, account in new.items():
+            if account_id not in old or account_id in stale:
+                self._bind(instance_id, account, 0.0)
+        live.accounts = accounts
+        live.paused = paused
+
+    def _bind(self, instance_id: str, account: _Account, delay: float) -> None:
+        spec = account.spec
+        registrar = parse_sip_uri(spec.registrar)
+        if spec.transport is not None:
+            registrar = _with_transport(registrar, spec.transport)
+        config = RegistrationConfig(
+            aor=parse_sip_uri(spec.aor),
+            registrar=registrar,
+            username=spec.auth_username,
+            password=spec.password,
+            contact_user=account.contact_user,
+            instance_id=account.instance_urn,
+            expires=spec.expires,
+            outbound_proxy=parse_sip_uri(spec.outbound_proxy) if spec.outbound_proxy else None,
+            display_name=spec.display_name,
+        )
+        self._bindings.add(
+            _binding_key(instance_id, spec.id), config, verify_tls=spec.verify_tls, delay=delay
+        )
+
+    def _account_view(self, instance_id: str, account: _Account, paused: bool) -> dict[str, Any]:
+        spec = account.spec
+        view: dict[str, Any] = {
+            "id": spec.id,
+            "aor": spec.aor,
+            "auth_username": spec.auth_username,
+            "registrar": spec.registrar,
+            "outbound_proxy": spec.outbound_proxy,
+            "transport": spec.transport,
+            "expires": spec.expires,
+            "display_name": spec.display_name,
+            "verify_tls": spec.verify_tls,
+        }
+        binding = None if paused else self._bindings.get(_binding_key(instance_id, spec.id))
+        if binding is None:
+            view["state"] = "paused"
+            return view
+        status = binding.session.status(asyncio.get_running_loop().time())
+        to_wall = self._clock() - asyncio.get_running_loop().time()
+        view.update(
+            state=_STATE_NAMES[status.state],
+            last_status=status.last_status,
+            reason=status.reason,
+            registered_until=None
+            if status.registered_until is None
+            else status.registered_until + to_wall,
+            next_action_at=None
+            if status.next_action_at is None
+            else status.next_action_at + to_wall,
+        )
+        return view
+
+
+_STATE_NAMES = {
+    RegistrationState.STOPPED: "paused",
+    RegistrationState.REGISTERING: "registering",
+    RegistrationState.REGISTERED: "registered",
+    RegistrationState.FAILED: "failed",
+    RegistrationState.UNREGISTERING: "paused",
+}
+
+# Compared against when the id is unknown, so that both cases take the same time.
+_NO_SECRET = hash_secret("")
+
+
+def _new_instance_id() -> str:
+    """26 lowercase base32 characters (130 random bits), usable as a SIP user part."""
+    return base64.b32encode(secrets.token_bytes(17)).decode().lower()[:26]
+
+
+def _binding_key(instance_id: str, account_id: str) -> str:
+    return f"{instance_id}/{account_id}"
+
+
+def _seal_push(key: DataKey, instance_id: str, push: PushSpec) -> bytes:
+    data = {"call_token": push.call_token, "other_token": push.other_token}
+    return key.encrypt(instance_id, "push", json.dumps(data).encode())
+
+
+def _seal_account(key: DataKey, instance_id: str, account: _Account) -> AccountRow:
+    settings = asdict(account.spec)
+    password = settings.pop("password")
+    settings.update(contact_user=account.contact_user, instance_urn=account.instance_urn)
+    return AccountRow(
+        account_id=account.spec.id,
+        settings=key.encrypt(
+            instance_id, f"account:{account.spec.id}", json.dumps(settings).encode()
+        ),
+        password=key.encrypt(instance_id, f"password:{account.spec.id}", password.encode()),
+    )
+
+
+def _mask(token: str) -> str:
+    return f"{token[:4]}…{token[-4:]}" if len(token) > 12 else "…"
+
+
+def _with_transport(uri: SipUri, transport: str) -> SipUri:
+    params = dict(uri.params)
+    params["transport"] = transport
+    return SipUri(uri.host, uri.user, uri.port, uri.scheme, uri.password, params, uri.headers)

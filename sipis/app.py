@@ -5,12 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
+import time
 from dataclasses import dataclass
+from typing import Any
 
+from aiohttp import web
+
+from sipis.api.devcert import development_certificate
+from sipis.api.server import Api, ApiSettings
+from sipis.audit import AuditKeys
 from sipis.bindings import BindingManager
 from sipis.config import Config
+from sipis.crypto import HpkeKeyring, MasterKeyring
 from sipis.inbound import Inbound
+from sipis.instances import Instances, LifetimeBounds
+from sipis.lifecycle import Sweeper
 from sipis.sip.message import Message, ParseError
+from sipis.sip.registration import RegistrationState
+from sipis.store.sqlite import SqliteStore
 from sipis.transport.flow import Flow
 from sipis.transport.layer import TransportLayer, TransportSettings
 from sipis.transport.resolver import Resolver
@@ -19,20 +32,57 @@ log = logging.getLogger("sipis")
 
 
 @dataclass
+class Keys:
+    master: MasterKeyring
+    hpke: HpkeKeyring
+    audit: AuditKeys
+
+
+def open_keys(config: Config) -> Keys:
+    directory = config.data_dir / "keys"
+    grace = config.keys.hpke_grace_days * 86400
+    return Keys(
+        master=MasterKeyring.load_or_create(directory / "master.json"),
+        hpke=HpkeKeyring.load_or_create(directory / "hpke.json", grace=grace),
+        audit=AuditKeys.load_or_create(directory / "audit.json"),
+    )
+
+
+def open_store(config: Config) -> SqliteStore:
+    return SqliteStore(config.data_dir / "sipis.db")
+
+
+@dataclass
 class Relay:
     """The running parts, for whoever drives them (``serve``, tests, benchmarks)."""
 
+    config: Config
+    store: SqliteStore
+    keys: Keys
     transport: TransportLayer
     bindings: BindingManager
     inbound: Inbound
+    instances: Instances
+    sweeper: Sweeper
+    api: web.AppRunner | None = None
+    api_port: int | None = None
 
     async def close(self) -> None:
+        if self.api is not None:
+            await self.api.cleanup()
+        await self.sweeper.stop()
+        await self.instances.checkpoint()
         await self.bindings.close()
         self.inbound.close()
         await self.transport.close()
+        await self.store.close()
 
 
-async def start_relay(config: Config) -> Relay:
+async def start_relay(config: Config, *, api: bool = True) -> Relay:
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keys = open_keys(config)
+    store = open_store(config)
+    await store.open()
     sip = config.sip
     settings = TransportSettings(
         host=sip.host,
@@ -52,7 +102,78 @@ async def start_relay(config: Config) -> Relay:
     inbound = Inbound()
     bindings = BindingManager(transport, resolver, on_request=inbound.handle)
     await transport.start()
-    return Relay(transport, bindings, inbound)
+    life = config.lifecycle
+    instances = Instances(
+        store,
+        keys.master,
+        keys.audit,
+        bindings,
+        bounds=LifetimeBounds(life.min_lifetime_days * life.day, life.max_lifetime_days * life.day),
+        unregister_wait=life.unregister_wait,
+    )
+    started = await instances.start(spread=life.startup_spread)
+    if started:
+        log.info("registering %d stored account(s) over %.0f s", started, life.startup_spread)
+    sweeper = Sweeper(instances, life.sweep_interval)
+    sweeper.start()
+    relay = Relay(config, store, keys, transport, bindings, inbound, instances, sweeper)
+    if api:
+        await _start_api(relay)
+    return relay
+
+
+def _info(relay: Relay) -> dict[str, Any]:
+    host = relay.config.sip.advertise or relay.config.sip.host
+    uris = [
+        f"sip:{host}:{port};transport={name}" for name, port in relay.transport.listening.items()
+    ]
+    return {"sip": uris}
+
+
+async def _stats(relay: Relay) -> dict[str, Any]:
+    counts = await relay.store.counts()
+    states: dict[str, int] = {}
+    now = asyncio.get_running_loop().time()
+    for binding in relay.bindings:
+        state = binding.session.status(now).state
+        name = "paused" if state is RegistrationState.STOPPED else state.value
+        states[name] = states.get(name, 0) + 1
+    instances = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("instances.")}
+    purges = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("purges.")}
+    return {"instances": instances, "bindings": states, "purges": purges, "at": time.time()}
+
+
+async def _start_api(relay: Relay) -> None:
+    config = relay.config.api
+    api = Api(
+        relay.instances,
+        relay.keys.hpke,
+        ApiSettings(config.admin_token, config.max_body, config.create_rate, config.create_burst),
+        info=lambda: _info(relay),
+        stats=lambda: _stats(relay),
+    )
+    runner = web.AppRunner(api.application(), access_log=None)
+    await runner.setup()
+    context: ssl.SSLContext | None = None
+    if config.insecure_http:
+        log.warning("the API speaks plain HTTP (api.insecure_http): for development only")
+    else:
+        certificate, private_key = config.certificate, config.private_key
+        if certificate is None or private_key is None:
+            cert_path, key_path, made = development_certificate(relay.config.data_dir / "tls")
+            certificate, private_key = str(cert_path), str(key_path)
+            log.warning(
+                "no api.certificate configured: using a self-signed development certificate (%s%s)",
+                cert_path,
+                ", made now" if made else "",
+            )
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certificate, private_key)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=context)
+    await site.start()
+    relay.api = runner
+    relay.api_port = runner.addresses[0][1]
 
 
 async def serve(config: Config) -> None:
@@ -62,6 +183,8 @@ async def serve(config: Config) -> None:
     relay = await start_relay(config)
     ports = ", ".join(f"{name} {port}" for name, port in relay.transport.listening.items())
     log.info("SIP endpoint listening on %s (%s)", config.sip.host, ports)
+    scheme = "http" if config.api.insecure_http else "https"
+    log.info("API listening on %s://%s:%s", scheme, config.api.host, relay.api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,26 +1,56 @@
-"""The ``sipis`` command."""
+"""The ``sipis`` command: serve, keys, audit, version."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from sipis import __version__
-from sipis.app import serve
-from sipis.config import ConfigError, load_config
+from sipis.app import open_keys, open_store, serve
+from sipis.audit import AuditKeys, export_lines, verify
+from sipis.config import Config, ConfigError, load_config
+from sipis.crypto import MasterKeyring
+from sipis.store import StoreError
+
+# How long a rotation waits before retiring old master keys, so that a running
+# server that wrapped a key just before it noticed the rotation is seen too.
+SETTLE = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML configuration file")
     parser = argparse.ArgumentParser(
         prog="sipis", description="VoIP push-notification registration relay."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser("serve", help="run the relay")
-    serve_cmd.add_argument("--config", type=Path, help="TOML configuration file")
+    commands.add_parser("serve", parents=[common], help="run the relay")
     commands.add_parser("version", help="print the version")
+    keys = commands.add_parser("keys", help="key management").add_subparsers(
+        dest="action", required=True
+    )
+    keys.add_parser(
+        "rotate", parents=[common], help="new master and HPKE keys; re-wrap every data key"
+    )
+    audit = commands.add_parser("audit", help="check the purge log").add_subparsers(
+        dest="action", required=True
+    )
+    verify_cmd = audit.add_parser(
+        "verify", parents=[common], help="verify the chain and every signature"
+    )
+    verify_cmd.add_argument("--public-key", help="the audit public key (base64) to verify with")
+    show = audit.add_parser("show", parents=[common], help="the purge-log entry of an instance")
+    show.add_argument("instance_id")
+    audit.add_parser("overdue", parents=[common], help="instances held past their lifetime")
+    export = audit.add_parser(
+        "export", parents=[common], help="the purge log as JSON lines, with the public key"
+    )
+    export.add_argument("--output", type=Path, help="file to write (default: standard output)")
     args = parser.parse_args(argv)
 
     if args.command == "version":
@@ -36,12 +66,129 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(config))
+        if args.command == "serve":
+            asyncio.run(serve(config))
+            return 0
+        if args.command == "keys":
+            return asyncio.run(rotate_keys(config))
+        return asyncio.run(AUDIT[args.action](config, args))
+    except StoreError as exc:
+        print(f"sipis: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"sipis: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+async def rotate_keys(config: Config) -> int:
+    """A new master key with every data key re-wrapped under it; new HPKE keys."""
+    keys = open_keys(config)
+    master = keys.master
+    new_id = master.rotate()
+    store = open_store(config)
+    await store.open()
+    try:
+        moved = 0
+        for attempt in range(2):
+            pending = [(i, w) for i, w in await store.wrapped_keys()
+                       if MasterKeyring.key_id_of(w) != new_id]  # fmt: skip
+            for done, (instance_id, wrapped) in enumerate(pending, start=1):
+                data_key = master.unwrap(instance_id, wrapped)
+                try:
+                    if await store.rewrap(instance_id, wrapped, master.wrap(instance_id, data_key)):
+                        moved += 1
+                finally:
+                    data_key.destroy()
+                if done % 1000 == 0:
+                    print(f"re-wrapped {done} of {len(pending)}", file=sys.stderr)
+            if attempt == 0:
+                await asyncio.sleep(SETTLE)
+        in_use = {MasterKeyring.key_id_of(w) for _, w in await store.wrapped_keys()}
+        retired = [k for k in master.key_ids() if k != new_id and k not in in_use]
+        if retired:
+            master.retire(retired)
+    finally:
+        await store.close()
+    hpke = keys.hpke.rotate()
+    print(f"master key {new_id}: {moved} data key(s) re-wrapped, {len(retired)} old key(s) retired")
+    print("hpke keys: " + ", ".join(f"{suite} {key_id}" for suite, key_id in hpke.items()))
     return 0
 
+
+def _audit_keys(config: Config) -> AuditKeys:
+    return AuditKeys.load_or_create(config.data_dir / "keys" / "audit.json")
+
+
+async def audit_verify(config: Config, args: argparse.Namespace) -> int:
+    public_key = args.public_key or _audit_keys(config).public_key_b64
+    store = open_store(config)
+    await store.open()
+    try:
+        report = verify(await store.purge_log(), await store.checkpoints(), public_key)
+    finally:
+        await store.close()
+    for finding in report.findings:
+        print(finding)
+    verdict = "intact" if report.ok else "NOT intact"
+    print(f"purge log {verdict}: {report.entries} entries, {report.checkpoints} checkpoints")
+    return 0 if report.ok else 1
+
+
+async def audit_show(config: Config, args: argparse.Namespace) -> int:
+    subject = _audit_keys(config).subject(args.instance_id)
+    store = open_store(config)
+    await store.open()
+    try:
+        entries = [e for e in await store.purge_log() if e.subject == subject]
+    finally:
+        await store.close()
+    for entry in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.at))
+        print(f"entry {entry.seq}: erased {when} UTC, reason {entry.reason}, "
+              f"erased {json.dumps(entry.erased, sort_keys=True)}")  # fmt: skip
+    if not entries:
+        print("no purge-log entry for that instance")
+        return 1
+    return 0
+
+
+async def audit_overdue(config: Config, args: argparse.Namespace) -> int:
+    grace = 2 * config.lifecycle.sweep_interval
+    store = open_store(config)
+    await store.open()
+    try:
+        overdue = [r for r in await store.all() if r.expires_at + grace < time.time()]
+    finally:
+        await store.close()
+    for row in overdue:
+        print(f"{row.id}: lifetime ended {time.time() - row.expires_at:.0f} s ago")
+    print(f"{len(overdue)} instance(s) held past their lifetime")
+    return 1 if overdue else 0
+
+
+async def audit_export(config: Config, args: argparse.Namespace) -> int:
+    keys = _audit_keys(config)
+    store = open_store(config)
+    await store.open()
+    try:
+        lines = list(export_lines(await store.purge_log(), await store.checkpoints(),
+                                  keys.public_key_b64))  # fmt: skip
+    finally:
+        await store.close()
+    text = "".join(lines)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+    return 0
+
+
+AUDIT = {
+    "verify": audit_verify,
+    "show": audit_show,
+    "overdue": audit_overdue,
+    "export": audit_export,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+DAY = 86400
+
 
 class ConfigError(Exception):
     """A configuration value that cannot be used; the message names its key."""
@@ -34,6 +36,42 @@ class DnsSection:
 
 
 @dataclass(frozen=True)
+class ApiSection:
+    host: str = "0.0.0.0"  # noqa: S104 - the API is served on every interface unless configured
+    port: int = 8443
+    certificate: str | None = None
+    private_key: str | None = None
+    insecure_http: bool = False
+    admin_token: str | None = None
+    max_body: int = 64 * 1024
+    create_rate: float = 10.0
+    create_burst: int = 20
+
+    def __repr__(self) -> str:
+        return f"ApiSection(host={self.host!r}, port={self.port})"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dir: str = "data"
+
+
+@dataclass(frozen=True)
+class LifecycleSection:
+    min_lifetime_days: float = 3.0
+    max_lifetime_days: float = 6.0
+    day: float = DAY
+    sweep_interval: float = 15.0
+    unregister_wait: float = 5.0
+    startup_spread: float = 60.0
+
+
+@dataclass(frozen=True)
+class KeysSection:
+    hpke_grace_days: float = 7.0
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
 
@@ -42,8 +80,16 @@ class LogSection:
 class Config:
     sip: SipSection = field(default_factory=SipSection)
     dns: DnsSection = field(default_factory=DnsSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    data: DataSection = field(default_factory=DataSection)
+    lifecycle: LifecycleSection = field(default_factory=LifecycleSection)
+    keys: KeysSection = field(default_factory=KeysSection)
     log: LogSection = field(default_factory=LogSection)
     warnings: tuple[str, ...] = ()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir)
 
 
 def _port(key: str, value: Any) -> int:
@@ -58,7 +104,7 @@ def _optional_port(key: str, value: Any) -> int | None:
 
 def _text(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        raise ConfigError(f"{key}: expected a non-empty string")
     return value
 
 
@@ -66,9 +112,33 @@ def _optional_text(key: str, value: Any) -> str | None:
     return None if value == "" else _text(key, value)
 
 
-def _seconds(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
-        raise ConfigError(f"{key}: expected seconds (0 < s <= 86400), got {value!r}")
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _number(low: float, high: float) -> Callable[[str, Any], float]:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low < value <= high:
+            raise ConfigError(f"{key}: expected a number in ({low:g}, {high:g}], got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _count(low: int, high: int) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{key}: expected an integer {low}-{high}, got {value!r}")
+        return value
+
+    return check
+
+
+def _lifetime_days(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 3 <= value <= 6:
+        raise ConfigError(f"{key}: lifetimes stay within 3 to 6 days, got {value!r}")
     return float(value)
 
 
@@ -92,18 +162,49 @@ def _level(key: str, value: Any) -> str:
     return text
 
 
+_SECONDS = _number(0, 86400)
+
 _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "sip": {
         "host": _text,
         "udp_port": _port,
         "tcp_port": _optional_port,
         "advertise": _optional_text,
-        "keepalive": _seconds,
+        "keepalive": _SECONDS,
     },
-    "dns": {"nameservers": _nameservers, "timeout": _seconds},
+    "dns": {"nameservers": _nameservers, "timeout": _SECONDS},
+    "api": {
+        "host": _text,
+        "port": _port,
+        "certificate": _optional_text,
+        "private_key": _optional_text,
+        "insecure_http": _flag,
+        "admin_token": _optional_text,
+        "max_body": _count(1024, 16 * 1024 * 1024),
+        "create_rate": _number(0, 100000),
+        "create_burst": _count(1, 100000),
+    },
+    "data": {"dir": _text},
+    "lifecycle": {
+        "min_lifetime_days": _lifetime_days,
+        "max_lifetime_days": _lifetime_days,
+        "day": _number(0, DAY),
+        "sweep_interval": _SECONDS,
+        "unregister_wait": _SECONDS,
+        "startup_spread": _number(-1, DAY),
+    },
+    "keys": {"hpke_grace_days": _number(0, 365)},
     "log": {"level": _level},
 }
-_SECTIONS = {"sip": SipSection, "dns": DnsSection, "log": LogSection}
+_SECTIONS: dict[str, type] = {
+    "sip": SipSection,
+    "dns": DnsSection,
+    "api": ApiSection,
+    "data": DataSection,
+    "lifecycle": LifecycleSection,
+    "keys": KeysSection,
+    "log": LogSection,
+}
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -126,7 +227,18 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             values[key] = check(f"{name}.{key}", item)
         sections[name] = _SECTIONS[name](**values)
     known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in sections.items() if k in known}, warnings=tuple(warnings))
+    config = Config(**{k: v for k, v in sections.items() if k in known}, warnings=tuple(warnings))
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Config) -> None:
+    life = config.lifecycle
+    if life.min_lifetime_days > life.max_lifetime_days:
+        raise ConfigError("lifecycle.min_lifetime_days: larger than lifecycle.max_lifetime_days")
+    api = config.api
+    if (api.certificate is None) != (api.private_key is None):
+        raise ConfigError("api.certificate: give both api.certificate and api.private_key")
 
 
 def load_config(path: Path | None) -> Config:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from sipis.bindings import BindingManager
+from sipis.config import Config, load_config
 from sipis.inbound import Inbound
 from sipis.sip.message import Message, ParseError
 from sipis.sip.registration import (
@@ -81,6 +85,35 @@ async def running_relay(
         await bindings.close()
         inbound.close()
         await transport.close()
+
+
+def relay_config(tmp_path: Path, **sections: dict[str, Any]) -> tuple[Config, Path]:
+    """A relay config on loopback with free ports and its data under ``tmp_path``, and its file.
+
+    ``sections`` override or add TOML tables, e.g. ``lifecycle={"day": 1.0}``.
+    """
+    tables: dict[str, dict[str, Any]] = {
+        "sip": {"host": "127.0.0.1", "udp_port": 0, "tcp_port": False},
+        "api": {"host": "127.0.0.1", "port": 0},
+        "data": {"dir": str(tmp_path / "data")},
+        "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 0.5},
+        "lifecycle": {"startup_spread": 0.0, "unregister_wait": 2.0},
+        "log": {"level": "debug"},
+    }
+    for name, values in sections.items():
+        tables.setdefault(name, {}).update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "sipis.toml"
+    path.write_text(_toml(tables))
+    return load_config(path), path
+
+
+def _toml(tables: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def account(

@@ -32,7 +32,10 @@ def test_config_error_names_the_key(tmp_path: Path, capsys) -> None:
 
 async def test_serve_answers_options_and_stops_on_sigterm(tmp_path: Path) -> None:
     path = tmp_path / "sipis.toml"
-    path.write_text('[sip]\nhost = "127.0.0.1"\nudp_port = 0\ntcp_port = false\n')
+    path.write_text(
+        '[sip]\nhost = "127.0.0.1"\nudp_port = 0\ntcp_port = false\n'
+        f'[api]\nhost = "127.0.0.1"\nport = 0\n[data]\ndir = "{tmp_path / "data"}"\n'
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -162,6 +162,7 @@ class BindingManager:
         if isinstance(message, Response):
             binding = self._by_call_id.get(message.call_id)
             if binding is not None:
+                log.debug("binding %s: %d %s", binding.key, message.status, message.reason)
                 binding.session.receive(message, self._loop.time())
                 self._drive(binding)
         elif isinstance(message, Request) or (

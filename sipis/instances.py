@@ -223,6 +223,7 @@ class Instances:
         self._live[instance_id] = _Live(paused=False, accounts=accounts)
         for account in accounts:
             self._bind(instance_id, account, 0.0)
+        log.info("instance %s created with %d account(s)", instance_id, len(accounts))
         return instance_id, secret, row
 
     async def authenticate(self, instance_id: str, secret: str) -> InstanceRow | None:
@@ -293,6 +294,7 @@ class Instances:
             if not await self._store.replace(updated):
                 raise InstanceGone(row.id)
             await self._follow(current.id, live, accounts, updated.paused)
+            log.debug("instance %s changed, lifetime renewed", current.id)
             return updated
 
     async def erase(self, instance_id: str, reason: str) -> PurgeEntry | None:
@@ -328,6 +330,7 @@ class Instances:
             )
         self._locks.pop(instance_id, None)
         if entry is not None:
+            log.info("instance %s erased (%s), purge-log entry %d", instance_id, reason, entry.seq)
             if entry.seq % CHECKPOINT_EVERY == 0:
                 await self.checkpoint()
             if not await self._store.scrub():

@@ -1,8 +1,9 @@
-"""Shared test setup: asyncio debug mode everywhere, and the real peers on loopback."""
+"""Shared test setup: asyncio debug mode, secret-free logs, and the real peers on loopback."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,8 +16,33 @@ os.environ.setdefault("PYTHONASYNCIODEBUG", "1")
 
 from tests.peers.kamailio import Kamailio
 from tests.peers.sipp import SippServer
+from tests.secrets import RECORDER, SECRETS, remember
 
 PEER_USERS = {"alice": "wonderland", "bob": "builder"}
+remember(*PEER_USERS.values())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Record everything sipis logs at DEBUG, for the whole session."""
+    logging.getLogger().addHandler(RECORDER)
+    logging.getLogger("sipis").setLevel(logging.DEBUG)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any secret a test used was logged."""
+    leaks = RECORDER.leaks()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter is not None:
+            reporter.write_line(f"SECRETS IN LOGS ({len(leaks)} line(s)):", red=True)
+            for line in leaks[:20]:
+                reporter.write_line(f"  {line[:300]}")
+    elif reporter is not None:
+        reporter.write_line(
+            f"log check: {len(RECORDER.lines)} log records searched for "
+            f"{len(SECRETS)} secrets, none found"
+        )
 
 
 @pytest.fixture(scope="session")

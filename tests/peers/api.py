@@ -13,6 +13,7 @@ import aiohttp
 
 from sipis.app import Relay, start_relay
 from tests.peers.relay import relay_config
+from tests.secrets import remember
 
 APNS_TOKEN = "a1" * 32
 OTHER_TOKEN = "b2" * 32
@@ -28,9 +29,29 @@ class ApiClient:
         self, method: str, path: str, *, secret: str | None = None, body: Any = None
     ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        remember_secrets_in(body)
         async with self.session.request(method, self.base + path, json=body, headers=headers) as r:
             text = await r.text()
-            return r.status, (await r.json() if text else None)
+            answer = await r.json() if text else None
+        if isinstance(answer, dict):
+            remember(answer.get("secret"))
+        return r.status, answer
+
+
+_SECRET_FIELDS = ("password", "password_sealed", "call_token", "other_token", "payload_key")
+
+
+def remember_secrets_in(value: Any) -> None:
+    """Register every password, token and key in a request body with the log check."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in _SECRET_FIELDS and isinstance(item, str):
+                remember(item)
+            else:
+                remember_secrets_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            remember_secrets_in(item)
 
 
 @dataclass

@@ -46,6 +46,8 @@ from sipis.store import AccountRow, InstanceRow, Store
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
+# Erasures a sweep runs at once: each may wait for un-REGISTER answers.
+SWEEP_CONCURRENCY = 32
 REASONS = ("expired", "disabled", "token_invalid", "admin")
 
 
@@ -268,7 +270,9 @@ class Instances:
                 raise InstanceGone(row.id)
             now = self._clock()
             key = self._keyring.unwrap(current.id, current.data_key)
-            live = self._live.setdefault(current.id, self._decrypt(current))
+            live = self._live.get(current.id) or self._live.setdefault(
+                current.id, self._decrypt(current)
+            )
             try:
                 accounts = live.accounts
                 if change.accounts is not None:
@@ -352,10 +356,14 @@ class Instances:
     async def sweep(self) -> int:
         """Erase every instance past its lifetime; warn those within a day of it."""
         now = self._clock()
-        erased = 0
-        for instance_id in await self._store.expired(now):
-            if await self.erase(instance_id, "expired") is not None:
-                erased += 1
+        gate = asyncio.Semaphore(SWEEP_CONCURRENCY)
+
+        async def expire(instance_id: str) -> bool:
+            async with gate:
+                return await self.erase(instance_id, "expired") is not None
+
+        expired = await self._store.expired(now)
+        erased = sum(await asyncio.gather(*(expire(i) for i in expired)))
         for row in await self._store.expiring(now + DAY):
             for hook in self.expiring_hooks:
                 try:

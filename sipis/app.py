@@ -108,7 +108,9 @@ async def start_relay(config: Config, *, api: bool = True) -> Relay:
         keys.master,
         keys.audit,
         bindings,
-        bounds=LifetimeBounds(life.min_lifetime_days * life.day, life.max_lifetime_days * life.day),
+        bounds=LifetimeBounds(
+            life.min_lifetime_days * life.day, life.max_lifetime_days * life.day, life.day
+        ),
         unregister_wait=life.unregister_wait,
     )
     started = await instances.start(spread=life.startup_spread)

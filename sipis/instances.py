@@ -114,10 +114,15 @@ class KeepPassword:
 
 @dataclass(frozen=True, slots=True)
 class LifetimeBounds:
-    """The operator's bounds, inside the [3 days, 6 days] the product promises."""
+    """The operator's bounds, inside the [3 days, 6 days] the product promises.
+
+    ``day`` is the length of a day in these bounds: the app is warned one
+    day before its instance expires.
+    """
 
     minimum: float = 3 * DAY
     maximum: float = 6 * DAY
+    day: float = DAY
 
     def clamp(self, requested: float | None) -> float:
         return min(
@@ -364,7 +369,7 @@ class Instances:
 
         expired = await self._store.expired(now)
         erased = sum(await asyncio.gather(*(expire(i) for i in expired)))
-        for row in await self._store.expiring(now + DAY):
+        for row in await self._store.expiring(now + self.bounds.day):
             for hook in self.expiring_hooks:
                 try:
                     await hook(row.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import time
 from pathlib import Path
 
 from sipis.app import start_relay
@@ -80,3 +81,34 @@ async def test_restart_spreads_registrations_over_the_configured_time(tmp_path: 
         assert all(1.5 <= gap <= 2.5 for gap in gaps), gaps
     finally:
         await relay.close()
+
+
+async def test_warning_a_day_before_expiry_then_erasure_then_a_signed_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """With a one-second lifetime day: warned after 2 s, erased after 3 s."""
+    async with relay_with_api(
+        tmp_path, lifecycle={"day": 1.0, "sweep_interval": 0.1, "unregister_wait": 0.2}
+    ) as running:
+        warned: list[tuple[str, float]] = []
+
+        async def hook(instance_id: str) -> None:
+            warned.append((instance_id, time.time()))
+
+        running.relay.instances.expiring_hooks.append(hook)
+        body = instance_body(REGISTRAR, user="alice", password="pw-expiring", lifetime=3)
+        _, created = await running.client.call("POST", "/v1/instances", body=body)
+        async with asyncio.timeout(6):
+            while not await running.relay.store.purge_log():
+                await asyncio.sleep(0.05)
+        [(instance_id, at)] = warned
+        assert instance_id == created["id"]
+        assert created["expires_at"] - 1.0 <= at <= created["expires_at"] - 0.7
+        store = running.relay.store
+    await store.open()
+    try:
+        [entry] = await store.purge_log()
+        [checkpoint] = await store.checkpoints()
+        assert (entry.reason, checkpoint.seq, checkpoint.head_hash) == ("expired", 1, entry.hash)
+    finally:
+        await store.close()

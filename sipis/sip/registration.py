@@ -16,6 +16,7 @@ States::
                           |   +--transient------+ (backoff; still registered until expiry)
                           +--permanent--> FAILED (403, 404, wrong password, ...: no retry)
     any --stop--> UNREGISTERING --final or timeout--> STOPPED
+    (a REGISTER still in flight when stop() comes is answered first: one at a time)
 
 Answers and what they do:
 
@@ -140,6 +141,7 @@ class RegistrationSession:
         "_fresh",
         "_from_tag",
         "_local",
+        "_pending_expires",
         "_redirects",
         "_register_at",
         "_rng",
@@ -185,6 +187,7 @@ class RegistrationSession:
         self._auth_rounds = 0
         self._local: LocalAddress | None = None
         self._txn: ClientNonInviteTransaction | None = None
+        self._pending_expires = 0
         self._register_at: float | None = None
         self.state = RegistrationState.STOPPED
         self.last_status: int | None = None
@@ -228,7 +231,10 @@ class RegistrationSession:
         ):
             self.state = RegistrationState.UNREGISTERING
             self._auth_rounds = 0
-            self._send(now, expires=0)
+            if self._txn is None:
+                self._send(now, expires=0)
+            # Otherwise the un-REGISTER waits for the final answer to the pending REGISTER:
+            # RFC 3261 §10.2 allows one REGISTER in flight per Call-ID.
         elif self.state is not RegistrationState.UNREGISTERING:
             self._stopped()
 
@@ -319,7 +325,10 @@ class RegistrationSession:
         if status in (401, 407):
             self._challenged(final, now)
         elif self.state is RegistrationState.UNREGISTERING:
-            self._stopped()
+            if self._pending_expires and 200 <= status < 300:
+                self._send(now, expires=0)  # the REGISTER sent before stop() took effect
+            else:
+                self._stopped()
         elif 200 <= status < 300:
             self._registered(final, now)
         elif status == 423:
@@ -467,6 +476,7 @@ class RegistrationSession:
         if not keep_fresh:
             self._fresh = None
         self._cseq += 1
+        self._pending_expires = expires
         request = self._build(local, expires)
         self._txn = ClientNonInviteTransaction(
             request, now, reliable=local.transport != "udp", timers=self._timers

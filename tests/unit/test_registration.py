@@ -318,3 +318,26 @@ def test_short_registrations_refresh_with_a_margin() -> None:
     session, registrar = started(expires=5)
     registrar.answer(registrar.take(), 200, 10.0)
     assert session.deadline == pytest.approx(13.0)
+
+
+def test_stop_while_a_register_is_pending_waits_for_its_answer() -> None:
+    """RFC 3261 §10.2: one REGISTER in flight; the un-REGISTER follows the final answer."""
+    session, registrar = started()
+    pending = registrar.take()
+    session.stop(0.1)
+    assert session.state is RegistrationState.UNREGISTERING
+    assert session.outgoing() == []
+    registrar.answer(pending, 200, 0.2)
+    unregister = registrar.take()
+    assert unregister.expires == 0 and unregister.cseq.number == pending.cseq.number + 1
+    registrar.answer(unregister, 200, 0.3)
+    assert session.state is RegistrationState.STOPPED
+
+
+def test_stop_while_a_register_is_pending_and_then_refused() -> None:
+    session, registrar = started()
+    pending = registrar.take()
+    session.stop(0.1)
+    registrar.answer(pending, 403, 0.2)
+    assert session.state is RegistrationState.STOPPED
+    assert session.outgoing() == []

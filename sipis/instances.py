@@ -38,7 +38,14 @@ from typing import Any
 
 from sipis.audit import CHECKPOINT_EVERY, AuditKeys, PurgeEntry, make_checkpoint
 from sipis.bindings import BindingManager
-from sipis.crypto import DataKey, MasterKeyring, hash_secret, new_secret, secret_matches
+from sipis.crypto import (
+    CryptoError,
+    DataKey,
+    MasterKeyring,
+    hash_secret,
+    new_secret,
+    secret_matches,
+)
 from sipis.sip.registration import RegistrationConfig, RegistrationState
 from sipis.sip.uri import SipUri, parse_sip_uri
 from sipis.store import AccountRow, InstanceRow, Store
@@ -187,7 +194,11 @@ class Instances:
         count = sum(len(r.accounts) for r in rows if not r.paused)
         started = 0
         for row in rows:
-            live = self._decrypt(row)
+            try:
+                live = self._decrypt(row)
+            except CryptoError as exc:
+                log.error("instance %s cannot be read (%s): left unregistered", row.id, exc)
+                continue
             self._live[row.id] = live
             if live.paused:
                 continue
@@ -304,7 +315,10 @@ class Instances:
                 raise InstanceGone(row.id)
             await self._follow(current.id, live, accounts, updated.paused)
             log.debug("instance %s changed, lifetime renewed", current.id)
-            return updated
+            stored = await self._store.get(current.id)  # with the data key as now wrapped
+            if stored is None:
+                raise InstanceGone(row.id)
+            return stored
 
     async def erase(self, instance_id: str, reason: str) -> PurgeEntry | None:
         """Un-REGISTER, delete, log and scrub; None if the instance was already gone."""

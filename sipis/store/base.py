@@ -58,7 +58,8 @@ class Store(Protocol):
         """Add a new instance with its accounts."""
 
     async def replace(self, row: InstanceRow) -> bool:
-        """Overwrite an existing instance and its accounts; False if it is gone."""
+        """Overwrite an existing instance and its accounts, except its wrapped data key;
+        False if it is gone."""
 
     async def get(self, instance_id: str) -> InstanceRow | None: ...
 

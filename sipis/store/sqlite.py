@@ -166,11 +166,15 @@ class SqliteStore:
         )
 
     async def replace(self, row: InstanceRow) -> bool:
+        # The wrapped data key is not written: only a rotation changes it (``rewrap``), and
+        # a change racing with one must not put back a wrapping under a retired master key.
         update = (
-            "UPDATE instances SET secret_hash=?, platform=?, app_id=?, environment=?, data_key=?, "
-            "push=?, payload_key=?, paused=?, created_at=?, expires_at=?, warned_at=? WHERE id=?",
-            (*_instance_values(row)[1:], row.id),
-        )
+            "UPDATE instances SET secret_hash=?, platform=?, app_id=?, environment=?, push=?, "
+            "payload_key=?, paused=?, created_at=?, expires_at=?, warned_at=? WHERE id=?",
+            (row.secret_hash, row.platform, row.app_id, row.environment, row.push,
+             row.payload_key, int(row.paused), row.created_at, row.expires_at, row.warned_at,
+             row.id),
+        )  # fmt: skip
         rest = [("DELETE FROM accounts WHERE instance_id=?", (row.id,)), *_account_inserts(row)]
         return await self._write([update, *rest], guard=True) == 1
 

@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sipis: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log.level)
     try:
         if args.command == "serve":
             asyncio.run(serve(config))
@@ -78,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"sipis: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def configure_logging(level: str) -> None:
+    """sipis logs at ``level``; other libraries only warnings and errors.
+
+    Their debug output is not for operators, and some of it is dangerous:
+    aiosqlite logs every statement with its parameters, ciphertexts and
+    wrapped keys included.
+    """
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("sipis").setLevel(level.upper())
 
 
 async def rotate_keys(config: Config) -> int:

@@ -451,6 +451,23 @@ class Kamailio:
             if contact is not None
         ]
 
+    async def wait_for_new_registrations(
+        self, before: Mapping[str, set[str]], timeout: float = 10.0
+    ) -> None:
+        """Until each user in ``before`` has one contact, with a Call-ID not in ``before``."""
+        pending = dict(before)
+        try:
+            async with asyncio.timeout(timeout):
+                while pending:
+                    found = await asyncio.gather(*(self.contacts(user) for user in pending))
+                    for user, contacts in zip(list(pending), found, strict=True):
+                        if len(contacts) == 1 and contacts[0]["call_id"] not in pending[user]:
+                            del pending[user]
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            now = {user: await self.contacts(user) for user in pending}
+            raise AssertionError(f"not registered (again): {now}") from None
+
     async def wait_for_contacts(
         self,
         aor: str,

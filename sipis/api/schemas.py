@@ -15,7 +15,15 @@ import binascii
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sipis.sip.errors import SipError
 from sipis.sip.uri import SipUri, parse_uri
@@ -27,6 +35,17 @@ _FCM_TOKEN = re.compile(r"[A-Za-z0-9_:\-]{32,4096}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Text = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+def _whole_number(value: object) -> object:
+    """JSON has one number type: 600.0 is the integer 600 (JSON Schema agrees); 600.5 is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Expires = Annotated[int, BeforeValidator(_whole_number), Field(ge=60, le=86400)]
+Lifetime = Annotated[int, BeforeValidator(_whole_number), Field(ge=1, le=10 * 86400)]
 
 
 class _Strict(BaseModel):
@@ -85,7 +104,7 @@ class AccountIn(_Strict):
     registrar: Text | None = None
     outbound_proxy: Text | None = None
     transport: Literal["udp", "tcp", "tls"] | None = None
-    expires: Annotated[int, Field(ge=60, le=86400)] = 600
+    expires: Expires = 600
     display_name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     verify_tls: bool = True
 
@@ -138,7 +157,7 @@ class InstanceIn(_Strict):
     platform: Literal["ios", "android"]
     push: PushIn
     payload_key: Annotated[str, Field(max_length=64)] | None = None
-    lifetime: Annotated[int, Field(ge=1, le=10 * 86400)] | None = None
+    lifetime: Lifetime | None = None
     accounts: Annotated[list[AccountIn], Field(min_length=1, max_length=MAX_ACCOUNTS)]
 
     @field_validator("payload_key")
@@ -166,7 +185,7 @@ class InstanceIn(_Strict):
 class InstancePatch(_Strict):
     push: PushIn | None = None
     payload_key: Annotated[str, Field(max_length=64)] | None = None
-    lifetime: Annotated[int, Field(ge=1, le=10 * 86400)] | None = None
+    lifetime: Lifetime | None = None
     paused: bool | None = None
     accounts: Annotated[list[AccountIn], Field(min_length=1, max_length=MAX_ACCOUNTS)] | None = None
 

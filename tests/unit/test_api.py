@@ -205,3 +205,15 @@ async def test_plain_http_only_with_the_development_flag(
             assert (r.status, await r.json()) == (200, {"status": "ok"})
     finally:
         await relay.close()
+
+
+async def test_a_whole_number_written_as_a_float_is_an_integer(running: RunningRelay) -> None:
+    status, created = await running.client.call(
+        "POST", "/v1/instances", body=with_account(expires=900.0)
+    )
+    assert status == 201, created
+    assert created["accounts"][0]["expires"] == 900
+    status, answer = await running.client.call(
+        "POST", "/v1/instances", body=with_account(expires=900.5)
+    )
+    assert (status, answer["field"]) == (400, "accounts.0.expires")

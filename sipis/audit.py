@@ -64,7 +64,6 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import contextlib
 import hashlib
 import hmac
 import json
@@ -83,6 +82,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from sipis.keyfiles import write_private
 
 REASONS: Final = ("expired", "disabled", "token_invalid", "admin")
 """Why an instance was erased: lifetime ended, app disabled it, push token rejected, operator."""
@@ -466,13 +467,6 @@ class AuditKeys:
     @staticmethod
     def _create(path: Path) -> None:
         """Write fresh keys atomically; if another process won the race, keep its file."""
-        directory = path.parent
-        try:
-            directory.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass
-        else:
-            directory.chmod(0o700)
         signing_key = Ed25519PrivateKey.generate()
         public_raw = signing_key.public_key().public_bytes_raw()
         document = {
@@ -482,23 +476,7 @@ class AuditKeys:
             "signing_key": base64.b64encode(signing_key.private_bytes_raw()).decode("ascii"),
         }
         data = json.dumps(document, indent=2).encode("ascii") + b"\n"
-        temporary = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), 0o600)
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(temporary, path)
-        finally:
-            os.unlink(temporary)
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        write_private(path, data, replace=False)
 
     def subject(self, instance_id: str) -> str:
         """The hex HMAC-SHA256 of the instance id: stable under this key, reveals nothing else."""

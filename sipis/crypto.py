@@ -97,6 +97,8 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sipis.keyfiles import private_directory, write_private
+
 __all__ = [
     "HPKE_SUITES",
     "SUITE_MLKEM768_X25519",
@@ -290,33 +292,8 @@ class _KeyFile:
         has seen (inode numbers are reused, sizes can repeat).
         """
         data = json.dumps(document, indent=2).encode("utf-8") + b"\n"
-        directory = self.path.parent
-        temporary = directory / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
         try:
-            try:
-                previous_mtime = os.stat(self.path).st_mtime_ns
-            except FileNotFoundError:
-                previous_mtime = 0
-            mtime = max(time.time_ns(), previous_mtime + 1)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    os.fchmod(handle.fileno(), 0o600)
-                    handle.write(data)
-                    handle.flush()
-                    os.utime(handle.fileno(), ns=(mtime, mtime))
-                    os.fsync(handle.fileno())
-                    status = os.fstat(handle.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temporary)
-                raise
-            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory_fd)
-            finally:
-                os.close(directory_fd)
+            status = write_private(self.path, data, replace=True)
         except OSError as exc:
             self.fail(f"cannot write: {exc.strerror or 'I/O error'}")
         return (status.st_ino, status.st_mtime_ns, status.st_size)
@@ -324,15 +301,10 @@ class _KeyFile:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold an exclusive ``flock`` on ``<file>.lock``, creating the 0700 directory first."""
-        directory = self.path.parent
         try:
-            directory.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass
+            private_directory(self.path.parent)
         except OSError as exc:
             self.fail(f"cannot create its directory: {exc.strerror}")
-        else:
-            directory.chmod(0o700)
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

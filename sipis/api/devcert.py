@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from sipis.keyfiles import write_private
 
 
 def development_certificate(directory: Path) -> tuple[Path, Path, bool]:
@@ -24,7 +25,6 @@ def development_certificate(directory: Path) -> tuple[Path, Path, bool]:
     key_path = directory / "dev-private-key.pem"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path, False
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sipis development")])
     now = datetime.datetime.now(datetime.UTC)
@@ -48,14 +48,9 @@ def development_certificate(directory: Path) -> tuple[Path, Path, bool]:
         )
         .sign(key, hashes.SHA256())
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_private(key_path, pem, replace=True)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path, True

@@ -16,6 +16,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -152,24 +153,24 @@ def _unique_ids(accounts: list[AccountIn]) -> list[AccountIn]:
     return accounts
 
 
+def _payload_key(value: str) -> str:
+    _base64(value, size=32)
+    return value
+
+
+PayloadKey = Annotated[str, Field(max_length=64), AfterValidator(_payload_key)]
+Accounts = Annotated[
+    list[AccountIn], Field(min_length=1, max_length=MAX_ACCOUNTS), AfterValidator(_unique_ids)
+]
+
+
 class InstanceIn(_Strict):
     app_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$", max_length=155)]
     platform: Literal["ios", "android"]
     push: PushIn
-    payload_key: Annotated[str, Field(max_length=64)] | None = None
+    payload_key: PayloadKey | None = None
     lifetime: Lifetime | None = None
-    accounts: Annotated[list[AccountIn], Field(min_length=1, max_length=MAX_ACCOUNTS)]
-
-    @field_validator("payload_key")
-    @classmethod
-    def _payload_key(cls, value: str | None) -> str | None:
-        _base64(value, size=32)
-        return value
-
-    @field_validator("accounts")
-    @classmethod
-    def _accounts(cls, value: list[AccountIn]) -> list[AccountIn]:
-        return _unique_ids(value)
+    accounts: Accounts
 
     @model_validator(mode="after")
     def _tokens_fit_platform(self) -> InstanceIn:
@@ -184,21 +185,10 @@ class InstanceIn(_Strict):
 
 class InstancePatch(_Strict):
     push: PushIn | None = None
-    payload_key: Annotated[str, Field(max_length=64)] | None = None
+    payload_key: PayloadKey | None = None
     lifetime: Lifetime | None = None
     paused: bool | None = None
-    accounts: Annotated[list[AccountIn], Field(min_length=1, max_length=MAX_ACCOUNTS)] | None = None
-
-    @field_validator("payload_key")
-    @classmethod
-    def _payload_key(cls, value: str | None) -> str | None:
-        _base64(value, size=32)
-        return value
-
-    @field_validator("accounts")
-    @classmethod
-    def _accounts(cls, value: list[AccountIn] | None) -> list[AccountIn] | None:
-        return None if value is None else _unique_ids(value)
+    accounts: Accounts | None = None
 
 
 def check_tokens(platform: str, push: PushIn) -> None:

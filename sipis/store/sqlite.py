@@ -12,9 +12,10 @@ transaction, and recorded in ``schema_version``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ _INSERT_INSTANCE = (
 )
 
 
+class _RolledBack(Exception):
+    """Raised inside a transaction that the body already rolled back."""
+
+
 class SqliteStore:
     """``Store`` over one SQLite database file."""
 
@@ -130,6 +135,24 @@ class SqliteStore:
                 raise
             await db.execute("COMMIT")
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; sqlite errors become
+        StoreError.  The body may roll back itself and raise ``_RolledBack``."""
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except _RolledBack:
+                pass
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"database write failed: {exc}") from None
+
     async def _write(
         self, statements: list[tuple[str, tuple[object, ...]]], *, guard: bool = False
     ) -> int:
@@ -137,24 +160,15 @@ class SqliteStore:
 
         With ``guard``, a first statement that changes nothing rolls everything back.
         """
-        db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                first = -1
-                for sql, args in statements:
-                    cursor = await db.execute(sql, args)
-                    if first < 0:
-                        first = cursor.rowcount
-                        if guard and first == 0:
-                            await db.execute("ROLLBACK")
-                            return 0
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"database write failed: {exc}") from None
+        first = -1
+        async with self._transaction() as db:
+            for sql, args in statements:
+                cursor = await db.execute(sql, args)
+                if first < 0:
+                    first = cursor.rowcount
+                    if guard and first == 0:
+                        await db.execute("ROLLBACK")
+                        raise _RolledBack
         return first
 
     async def insert(self, row: InstanceRow) -> None:
@@ -200,28 +214,20 @@ class SqliteStore:
     async def erase(
         self, instance_id: str, *, at: float, reason: str, subject: str, erased: Mapping[str, int]
     ) -> PurgeEntry | None:
-        db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = await db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
-                if cursor.rowcount != 1:
-                    await db.execute("ROLLBACK")
-                    return None
-                last = await self._last_entry()
-                entry = new_entry(last, at=at, reason=reason, subject=subject, erased=dict(erased))
-                await db.execute(
-                    "INSERT INTO purge_log (seq, at, reason, subject, erased, prev_hash, hash) "
-                    "VALUES (?,?,?,?,?,?,?)",
-                    (entry.seq, entry.at, entry.reason, entry.subject,
-                     json.dumps(entry.erased, sort_keys=True), entry.prev_hash, entry.hash),
-                )  # fmt: skip
-                await db.execute("COMMIT")
-            except BaseException:
+        entry: PurgeEntry | None = None
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
+            if cursor.rowcount != 1:
                 await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"database write failed: {exc}") from None
+                raise _RolledBack
+            last = await self._last_entry()
+            entry = new_entry(last, at=at, reason=reason, subject=subject, erased=dict(erased))
+            await db.execute(
+                "INSERT INTO purge_log (seq, at, reason, subject, erased, prev_hash, hash) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (entry.seq, entry.at, entry.reason, entry.subject,
+                 json.dumps(entry.erased, sort_keys=True), entry.prev_hash, entry.hash),
+            )  # fmt: skip
         return entry
 
     async def _last_entry(self) -> PurgeEntry | None:

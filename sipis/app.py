@@ -7,6 +7,7 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +17,17 @@ from sipis.api.devcert import development_certificate
 from sipis.api.server import Api, ApiSettings
 from sipis.audit import AuditKeys
 from sipis.bindings import BindingManager
+from sipis.calls import Calls
 from sipis.config import Config
 from sipis.crypto import HpkeKeyring, MasterKeyring
 from sipis.inbound import Inbound
 from sipis.instances import Instances, LifetimeBounds
 from sipis.lifecycle import Sweeper
+from sipis.metrics import Metrics
+from sipis.push.base import Provider
+from sipis.push.logged import LoggingProvider
+from sipis.push.sender import PushSender
+from sipis.server_transactions import ServerTransaction
 from sipis.sip.message import Message, ParseError
 from sipis.sip.registration import RegistrationState
 from sipis.store.sqlite import SqliteStore
@@ -64,6 +71,9 @@ class Relay:
     inbound: Inbound
     instances: Instances
     sweeper: Sweeper
+    metrics: Metrics
+    sender: PushSender
+    calls: Calls
     api: web.AppRunner | None = None
     api_port: int | None = None
 
@@ -71,6 +81,8 @@ class Relay:
         if self.api is not None:
             await self.api.cleanup()
         await self.sweeper.stop()
+        await self.calls.close()
+        await self.sender.close()
         await self.instances.checkpoint()
         await self.bindings.close()
         self.inbound.close()
@@ -78,7 +90,10 @@ class Relay:
         await self.store.close()
 
 
-async def start_relay(config: Config, *, api: bool = True) -> Relay:
+async def start_relay(
+    config: Config, *, api: bool = True, providers: Mapping[str, Provider] | None = None
+) -> Relay:
+    """Build and start everything; ``providers`` (by platform) replace the configured ones."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys = open_keys(config)
     store = open_store(config)
@@ -92,14 +107,19 @@ async def start_relay(config: Config, *, api: bool = True) -> Relay:
         keepalive=sip.keepalive,
     )
     bindings: BindingManager | None = None
+    calls: Calls | None = None
 
     def dispatch(message: Message | ParseError, flow: Flow) -> None:
         assert bindings is not None
         bindings.dispatch(message, flow)
 
+    def on_request(transaction: ServerTransaction) -> None:
+        assert calls is not None
+        calls.on_request(transaction)
+
     transport = TransportLayer(dispatch, settings)
     resolver = Resolver(list(config.dns.nameservers) or None, timeout=config.dns.timeout)
-    inbound = Inbound()
+    inbound = Inbound(on_request)
     bindings = BindingManager(transport, resolver, on_request=inbound.handle)
     await transport.start()
     life = config.lifecycle
@@ -113,15 +133,60 @@ async def start_relay(config: Config, *, api: bool = True) -> Relay:
         ),
         unregister_wait=life.unregister_wait,
     )
+    metrics = Metrics()
+    sender = PushSender(
+        providers if providers is not None else push_providers(config),
+        metrics,
+        on_token_invalid=lambda instance_id: instances.erase(instance_id, "token_invalid"),
+    )
+    calls = Calls(
+        bindings,
+        instances,
+        sender,
+        metrics,
+        ring_timeout=config.push.ring_timeout,
+        relay_uri=config.push.relay_uri or _relay_uri(config, transport),
+        max_message=config.push.max_message,
+    )
+    calls.transactions = inbound.transactions
+    instances.expiring_hooks.append(calls.notify_expiring)
+    instances.erased_hooks.append(calls.notify_erased)
     started = await instances.start(spread=life.startup_spread)
     if started:
         log.info("registering %d stored account(s) over %.0f s", started, life.startup_spread)
     sweeper = Sweeper(instances, life.sweep_interval)
     sweeper.start()
-    relay = Relay(config, store, keys, transport, bindings, inbound, instances, sweeper)
+    relay = Relay(
+        config,
+        store,
+        keys,
+        transport,
+        bindings,
+        inbound,
+        instances,
+        sweeper,
+        metrics,
+        sender,
+        calls,
+    )
     if api:
         await _start_api(relay)
     return relay
+
+
+def push_providers(config: Config) -> dict[str, Provider]:
+    """The push providers the configuration names; pushes are logged for the others."""
+    providers: dict[str, Provider] = {}
+    for platform in ("ios", "android"):
+        log.warning("no %s push credentials configured: %s pushes are logged, not sent",
+                    platform, platform)  # fmt: skip
+        providers[platform] = LoggingProvider(platform)
+    return providers
+
+
+def _relay_uri(config: Config, transport: TransportLayer) -> str:
+    host = config.sip.advertise or config.sip.host
+    return f"sip:{host}:{transport.listening['udp']}"
 
 
 def _info(relay: Relay) -> dict[str, Any]:

@@ -100,6 +100,7 @@ class BindingManager:
         self._rng = rng or random.Random()
         self._bindings: dict[str, Binding] = {}
         self._by_call_id: dict[str, Binding] = {}
+        self._by_contact_user: dict[str, Binding] = {}
         self._loop = asyncio.get_running_loop()
         self._scheduler: Scheduler[Binding] = Scheduler(self._loop, self._fire)
 
@@ -117,6 +118,7 @@ class BindingManager:
         binding = Binding(self, key, session, verify_tls)
         self._bindings[key] = binding
         self._by_call_id[session.call_id] = binding
+        self._by_contact_user[config.contact_user] = binding
         session.start(self._loop.time(), delay)
         self._drive(binding)
         return binding
@@ -150,6 +152,10 @@ class BindingManager:
 
     def get(self, key: str) -> Binding | None:
         return self._bindings.get(key)
+
+    def by_contact_user(self, user: str) -> Binding | None:
+        """The binding whose Contact carries this (unguessable) user part."""
+        return self._by_contact_user.get(user)
 
     async def close(self, *, unregister: bool = False, timeout: float = 5.0) -> None:
         await asyncio.gather(
@@ -287,6 +293,8 @@ class BindingManager:
             binding.flow.forget(binding.flow_lost)
         self._bindings.pop(binding.key, None)
         self._by_call_id.pop(binding.session.call_id, None)
+        if self._by_contact_user.get(binding.session.config.contact_user) is binding:
+            del self._by_contact_user[binding.session.config.contact_user]
 
 
 def _reason(exc: BaseException) -> str:

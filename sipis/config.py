@@ -72,6 +72,13 @@ class KeysSection:
 
 
 @dataclass(frozen=True)
+class PushSection:
+    ring_timeout: float = 60.0
+    relay_uri: str | None = None
+    max_message: int = 16 * 1024
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
 
@@ -84,6 +91,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     lifecycle: LifecycleSection = field(default_factory=LifecycleSection)
     keys: KeysSection = field(default_factory=KeysSection)
+    push: PushSection = field(default_factory=PushSection)
     log: LogSection = field(default_factory=LogSection)
     warnings: tuple[str, ...] = ()
 
@@ -194,6 +202,11 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "startup_spread": _number(-1, DAY),
     },
     "keys": {"hpke_grace_days": _number(0, 365)},
+    "push": {
+        "ring_timeout": _number(0, 600),
+        "relay_uri": _optional_text,
+        "max_message": _count(1, 1024 * 1024),
+    },
     "log": {"level": _level},
 }
 _SECTIONS: dict[str, type] = {
@@ -203,6 +216,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataSection,
     "lifecycle": LifecycleSection,
     "keys": KeysSection,
+    "push": PushSection,
     "log": LogSection,
 }
 

@@ -9,6 +9,7 @@ sipis does not hold get 481, malformed ones the status their error names.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sipis.server_transactions import ServerTransaction, ServerTransactions
 from sipis.sip.errors import SipError
@@ -51,14 +52,20 @@ def answer(request: Request | ParseError) -> Response | None:
 
 
 class Inbound:
-    """Answers the requests that reach the SIP endpoint, each in its server transaction.
+    """Gives each request that reaches the SIP endpoint its server transaction.
 
-    A malformed request cannot have a transaction (its keys may be what is
-    broken) and is answered statelessly, once per copy.
+    ``on_request`` answers it (by default: ``answer``).  A malformed request
+    cannot have a transaction (its keys may be what is broken) and is
+    answered statelessly, once per copy.
     """
 
-    def __init__(self, *, timers: Timers = DEFAULT_TIMERS) -> None:
-        self.transactions = ServerTransactions(self._answer, timers=timers)
+    def __init__(
+        self,
+        on_request: Callable[[ServerTransaction], None] | None = None,
+        *,
+        timers: Timers = DEFAULT_TIMERS,
+    ) -> None:
+        self.transactions = ServerTransactions(on_request or self._answer, timers=timers)
 
     def handle(self, request: Request | ParseError, flow: Flow) -> None:
         if isinstance(request, Request):

@@ -46,6 +46,7 @@ from sipis.crypto import (
     new_secret,
     secret_matches,
 )
+from sipis.push.base import Routing
 from sipis.sip.registration import RegistrationConfig, RegistrationState
 from sipis.sip.uri import SipUri, parse_sip_uri
 from sipis.store import AccountRow, InstanceRow, Store
@@ -152,13 +153,27 @@ class _Account:
 
 @dataclass(slots=True)
 class _Live:
-    """An instance's decrypted accounts, for its bindings."""
+    """An instance's decrypted accounts and push routing, for its bindings and pushes."""
 
     paused: bool
+    routing: Routing
     accounts: list[_Account] = field(default_factory=list)
 
 
-ExpiringHook = Callable[[str], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A MESSAGE held for the app until it connects."""
+
+    id: int
+    account_id: str
+    received_at: float
+    sender: str
+    content_type: str
+    body: bytes = field(repr=False)
+
+
+ExpiringHook = Callable[[Routing], Awaitable[None]]
+ErasedHook = Callable[[Routing, str], Awaitable[None]]
 
 
 class Instances:
@@ -185,6 +200,7 @@ class Instances:
         self._live: dict[str, _Live] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.expiring_hooks: list[ExpiringHook] = []
+        self.erased_hooks: list[ErasedHook] = []
 
     # -- start-up -------------------------------------------------------------------
 
@@ -238,7 +254,16 @@ class Instances:
         )
         key.destroy()
         await self._store.insert(row)
-        self._live[instance_id] = _Live(paused=False, accounts=accounts)
+        routing = Routing(
+            instance_id,
+            spec.platform,
+            spec.app_id,
+            spec.push.environment,
+            spec.push.call_token,
+            spec.push.other_token,
+            spec.payload_key,
+        )
+        self._live[instance_id] = _Live(paused=False, routing=routing, accounts=accounts)
         for account in accounts:
             self._bind(instance_id, account, 0.0)
         log.info("instance %s created with %d account(s)", instance_id, len(accounts))
@@ -314,6 +339,19 @@ class Instances:
             if not await self._store.replace(updated):
                 raise InstanceGone(row.id)
             await self._follow(current.id, live, accounts, updated.paused)
+            live.routing = replace(
+                live.routing,
+                environment=updated.environment,
+                call_token=live.routing.call_token
+                if change.push is None
+                else change.push.call_token,
+                other_token=live.routing.other_token
+                if change.push is None
+                else change.push.other_token,
+                payload_key=live.routing.payload_key
+                if change.payload_key is None
+                else change.payload_key,
+            )
             log.debug("instance %s changed, lifetime renewed", current.id)
             stored = await self._store.get(current.id)  # with the data key as now wrapped
             if stored is None:
@@ -342,6 +380,7 @@ class Instances:
                 "accounts": len(row.accounts),
                 "push_tokens": self._token_count(row),
                 "payload_key": int(row.payload_key is not None),
+                "queued_messages": await self._store.count_messages(instance_id),
                 "data_key": 1,
             }
             entry = await self._store.erase(
@@ -354,6 +393,9 @@ class Instances:
         self._locks.pop(instance_id, None)
         if entry is not None:
             log.info("instance %s erased (%s), purge-log entry %d", instance_id, reason, entry.seq)
+            if live is not None:
+                for hook in self.erased_hooks:
+                    await self._run_hook(hook(live.routing, reason))
             if entry.seq % CHECKPOINT_EVERY == 0:
                 await self.checkpoint()
             if not await self._store.scrub():
@@ -384,15 +426,66 @@ class Instances:
         expired = await self._store.expired(now)
         erased = sum(await asyncio.gather(*(expire(i) for i in expired)))
         for row in await self._store.expiring(now + self.bounds.day):
-            for hook in self.expiring_hooks:
-                try:
-                    await hook(row.id)
-                except Exception:
-                    log.exception("expiry warning hook failed")
+            live = self._live.get(row.id)
+            if live is not None:
+                for hook in self.expiring_hooks:
+                    await self._run_hook(hook(live.routing))
             await self._store.mark_warned(row.id, now)
         return erased
 
+    def routing(self, instance_id: str) -> Routing | None:
+        """Where the instance's pushes go, if it is alive."""
+        live = self._live.get(instance_id)
+        return None if live is None else live.routing
+
+    async def queue_message(
+        self, instance_id: str, account_id: str, sender: str, content_type: str, body: bytes
+    ) -> int:
+        """Store a MESSAGE for the app, encrypted under the instance's data key."""
+        row = await self._store.get(instance_id)
+        if row is None:
+            raise InstanceGone(instance_id)
+        key = self._keyring.unwrap(row.id, row.data_key)
+        received = self._clock()
+        content = json.dumps(
+            {"from": sender, "type": content_type, "body": base64.b64encode(body).decode()}
+        ).encode()
+        try:
+            sealed = key.encrypt(row.id, f"message:{account_id}", content)
+        finally:
+            key.destroy()
+        return await self._store.queue_message(row.id, account_id, received, sealed)
+
+    async def queued_messages(self, instance_id: str) -> list[QueuedMessage]:
+        row = await self._store.get(instance_id)
+        if row is None:
+            return []
+        key = self._keyring.unwrap(row.id, row.data_key)
+        try:
+            messages = []
+            for message_id, account_id, received, sealed in await self._store.messages(row.id):
+                content = json.loads(key.decrypt(row.id, f"message:{account_id}", sealed))
+                messages.append(
+                    QueuedMessage(
+                        message_id,
+                        account_id,
+                        received,
+                        content["from"],
+                        content["type"],
+                        base64.b64decode(content["body"]),
+                    )
+                )
+        finally:
+            key.destroy()
+        return messages
+
     # -- internals -------------------------------------------------------------------------------
+
+    async def _run_hook(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("instance hook failed")
 
     def _token_count(self, row: InstanceRow) -> int:
         key = self._keyring.unwrap(row.id, row.data_key)
@@ -421,9 +514,24 @@ class Instances:
                 accounts.append(
                     _Account(AccountSpec(password=password, **settings), contact_user, instance_urn)
                 )
+            push = json.loads(key.decrypt(row.id, "push", row.push))
+            payload_key = (
+                None
+                if row.payload_key is None
+                else key.decrypt(row.id, "payload_key", row.payload_key)
+            )
         finally:
             key.destroy()
-        return _Live(paused=row.paused, accounts=accounts)
+        routing = Routing(
+            row.id,
+            row.platform,
+            row.app_id,
+            row.environment,
+            push["call_token"],
+            push.get("other_token"),
+            payload_key,
+        )
+        return _Live(paused=row.paused, routing=routing, accounts=accounts)
 
     def _merge_accounts(
         self, old: list[_Account], new: tuple[AccountSpec | KeepPassword, ...]

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class ServerTransaction:
     """One request being answered: respond through it, as often as the method allows."""
 
-    __slots__ = ("_table", "due", "flow", "key", "txn")
+    __slots__ = ("_table", "arrived", "due", "flow", "key", "txn")
 
     def __init__(
         self,
@@ -45,6 +45,7 @@ class ServerTransaction:
         self.txn = txn
         self.flow = flow
         self.due: float | None = None
+        self.arrived = table.now()
 
     @property
     def request(self) -> Request:
@@ -96,6 +97,13 @@ class ServerTransactions:
             txn = ServerNonInviteTransaction(request, reliable=reliable, timers=self._timers)
         entry = self._table[key] = ServerTransaction(self, key, txn, flow)
         self._on_request(entry)
+
+    def invite_cancelled_by(self, cancel: Request) -> ServerTransaction | None:
+        """The INVITE transaction a CANCEL is for (RFC 3261 §9.2: same branch and sent-by)."""
+        entry = self._table.get(server_key(cancel, method="INVITE"))
+        return (
+            entry if entry is not None and isinstance(entry.txn, ServerInviteTransaction) else None
+        )
 
     def drive(self, entry: ServerTransaction) -> None:
         via = entry.request.via

@@ -88,15 +88,16 @@ def client_key(branch: str, method: str) -> tuple[str, str]:
     return (branch, method)
 
 
-def server_key(request: Request) -> tuple[str, ...]:
+def server_key(request: Request, method: str | None = None) -> tuple[str, ...]:
     """How a request finds its server transaction (§17.2.3).
 
-    ACK is keyed as the INVITE it acknowledges.  Without a magic-cookie
-    branch, the RFC 2543 identity is used: Request-URI, From tag, Call-ID,
-    CSeq number and the whole top Via.
+    ACK is keyed as the INVITE it acknowledges; ``method`` overrides the
+    request's (a CANCEL looks for its INVITE this way).  Without a
+    magic-cookie branch, the RFC 2543 identity is used: Request-URI, From
+    tag, Call-ID, CSeq number and the whole top Via.
     """
     via = request.via
-    method = "INVITE" if request.method == "ACK" else request.method
+    method = method or ("INVITE" if request.method == "ACK" else request.method)
     branch = via.branch or ""
     if branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
         return (branch, via.host.lower(), str(via.port or ""), method)

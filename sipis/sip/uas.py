@@ -119,14 +119,15 @@ def _has_tag(to_value: str) -> bool:
 class UasPolicy:
     """What this user agent implements, for the checks of RFC 3261 §8.2.
 
-    ``answer_types`` are the content types a successful answer to a method
-    may carry (an INVITE's answer carries SDP); an Accept header that admits
-    none of them earns a 406.
+    ``content_types`` are the bodies accepted (None: any); ``answer_types``
+    are the content types a successful answer to a method may carry (an
+    INVITE's answer carries SDP); an Accept header that admits none of them
+    earns a 406.
     """
 
     methods: Collection[str]
     extensions: Collection[str] = ()
-    content_types: Collection[str] = ("application/sdp",)
+    content_types: Collection[str] | None = ("application/sdp",)
     uri_schemes: Collection[str] = ("sip", "sips")
     answer_types: dict[str, tuple[str, ...]] | None = None
 
@@ -149,10 +150,11 @@ def preflight(request: Request, policy: UasPolicy) -> Response | None:
     if request.body:
         content_type = _media_type(request.headers.get("Content-Type") or "")
         encodings = [e.lower() for e in request.headers.values("Content-Encoding")]
-        if content_type not in policy.content_types or any(e != "identity" for e in encodings):
-            return make_response(
-                request, 415, headers=[("Accept", ", ".join(policy.content_types))]
-            )
+        types = policy.content_types
+        if (types is not None and content_type not in types) or any(
+            e != "identity" for e in encodings
+        ):
+            return make_response(request, 415, headers=[("Accept", ", ".join(types or ("*/*",)))])
     answers = (policy.answer_types or {}).get(method)
     accept = request.headers.values("Accept")
     if answers and accept and not any(_accepts(accept, t) for t in answers):

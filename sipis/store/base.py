@@ -98,5 +98,17 @@ class Store(Protocol):
     async def rewrap(self, instance_id: str, old: bytes, new: bytes) -> bool:
         """Replace a wrapped data key if it is still ``old`` (compare-and-set)."""
 
+    async def queue_message(
+        self, instance_id: str, account_id: str, received_at: float, content: bytes
+    ) -> int:
+        """Keep an encrypted message for the instance; returns its id."""
+
+    async def messages(self, instance_id: str) -> list[tuple[int, str, float, bytes]]:
+        """(id, account id, received at, encrypted content), oldest first."""
+
+    async def delete_message(self, message_id: int) -> None: ...
+
+    async def count_messages(self, instance_id: str) -> int: ...
+
     async def counts(self) -> dict[str, int]:
         """Instances by platform and paused state, and purge-log entries by reason."""

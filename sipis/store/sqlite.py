@@ -67,6 +67,16 @@ MIGRATIONS: tuple[str, ...] = (
         signature TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        instance_id TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+        account_id TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        content BLOB NOT NULL
+    );
+    CREATE INDEX messages_by_instance ON messages (instance_id, id);
+    """,
 )
 
 _INSTANCE_COLUMNS = (
@@ -278,6 +288,36 @@ class SqliteStore:
             [("UPDATE instances SET data_key=? WHERE id=? AND data_key=?", (new, instance_id, old))]
         )
         return changed == 1
+
+    async def queue_message(
+        self, instance_id: str, account_id: str, received_at: float, content: bytes
+    ) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO messages (instance_id, account_id, received_at, content) "
+                "VALUES (?,?,?,?)",
+                (instance_id, account_id, received_at, content),
+            )
+            message_id = cursor.lastrowid
+        assert message_id is not None
+        return message_id
+
+    async def messages(self, instance_id: str) -> list[tuple[int, str, float, bytes]]:
+        rows = await self._query(
+            "SELECT id, account_id, received_at, content FROM messages WHERE instance_id=? "
+            "ORDER BY id",
+            (instance_id,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def delete_message(self, message_id: int) -> None:
+        await self._write([("DELETE FROM messages WHERE id=?", (message_id,))])
+
+    async def count_messages(self, instance_id: str) -> int:
+        rows = await self._query(
+            "SELECT count(*) FROM messages WHERE instance_id=?", (instance_id,)
+        )
+        return int(rows[0][0])
 
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

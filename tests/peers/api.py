@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from sipis.app import Relay, start_relay
+from sipis.push.base import Provider
 from tests.peers.relay import relay_config
 from tests.secrets import remember
 
@@ -62,9 +63,11 @@ class RunningRelay:
 
 
 @asynccontextmanager
-async def relay_with_api(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[RunningRelay]:
+async def relay_with_api(
+    tmp_path: Path, providers: Mapping[str, Provider] | None = None, **sections: dict[str, Any]
+) -> AsyncIterator[RunningRelay]:
     config, path = relay_config(tmp_path, **sections)
-    relay = await start_relay(config)
+    relay = await start_relay(config, providers=providers)
     context = ssl.create_default_context(
         cafile=str(config.data_dir / "tls" / "dev-certificate.pem")
     )

@@ -73,7 +73,13 @@ async def test_instance_lifecycle_over_https(kamailio: Kamailio, tmp_path: Path)
         [entry] = await running.relay.store.purge_log()
         assert entry.reason == "disabled"
         assert entry.subject == running.relay.keys.audit.subject(instance_id)
-        assert entry.erased == {"accounts": 1, "data_key": 1, "payload_key": 1, "push_tokens": 2}
+        assert entry.erased == {
+            "accounts": 1,
+            "data_key": 1,
+            "payload_key": 1,
+            "push_tokens": 2,
+            "queued_messages": 0,
+        }
 
         shown = audit(running.config_path, "show", instance_id)
         assert shown.returncode == 0 and "reason disabled" in shown.stdout

@@ -29,7 +29,7 @@ from tests.peers.relay import relay_config
 REGISTRAR = "sip:192.0.2.1:5060;transport=udp"  # never reached: TEST-NET-1, and DNS is not asked
 DELETED = 5
 CLI_TIMEOUT = 30.0
-ERASED = '{"accounts": 1, "data_key": 1, "payload_key": 1, "push_tokens": 2}'
+ERASED = '{"accounts": 1, "data_key": 1, "payload_key": 1, "push_tokens": 2, "queued_messages": 0}'
 
 
 @dataclass(frozen=True)

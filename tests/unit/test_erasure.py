@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from sipis.app import start_relay
+from sipis.push.base import Routing
 from tests.peers.api import APNS_TOKEN, OTHER_TOKEN, PAYLOAD_KEY_B64, instance_body, relay_with_api
 from tests.peers.relay import relay_config
 
@@ -92,8 +93,8 @@ async def test_warning_a_day_before_expiry_then_erasure_then_a_signed_checkpoint
     ) as running:
         warned: list[tuple[str, float]] = []
 
-        async def hook(instance_id: str) -> None:
-            warned.append((instance_id, time.time()))
+        async def hook(routing: Routing) -> None:
+            warned.append((routing.instance_id, time.time()))
 
         running.relay.instances.expiring_hooks.append(hook)
         body = instance_body(REGISTRAR, user="alice", password="pw-expiring", lifetime=3)

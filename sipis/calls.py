@@ -1,0 +1,382 @@
+"""Incoming calls and messages: what arrives on a binding becomes a push.
+
+Theory of operation
+-------------------
+Only a request that arrives on a live binding's flow (so from its
+registrar), addressed to that binding's unguessable contact user, can reach
+an instance; anything else (a scanner, a spoofed packet from another
+address, a stale contact) gets 404 and never a push.
+
+INVITE::
+
+    arrives --100 Trying--> pushing --push outcome--> ringing (180, Push-Status: sent|failed)
+        |                      |                         |
+        |                      +--------- CANCEL --------+--> 487 + "cancelled" push
+        |                      |                         |    ("answered elsewhere" if the
+        |                      |                         |     CANCEL says Reason: SIP;cause=200)
+        |                      +------ ring timeout -----+--> 480 + "missed call" push
+        +-- same Call-ID and From tag as a call already held (a forked copy): 482, no push
+
+The call push must beat the ring timeout: its retries stop at the call's
+end.  The INVITE's server transaction holds it meanwhile; the device
+hand-off takes held calls from here.  A call's (Call-ID, From tag) is
+remembered for a while after it ends, so a late forked copy does not push
+again.
+
+MESSAGE: the body is stored encrypted in the instance's queue, then 200,
+then a message push; typing notifications are answered and dropped,
+delivery receipts stored without a push; bodies over the limit get 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+from sipis.bindings import Binding, BindingManager
+from sipis.inbound import answer
+from sipis.instances import InstanceGone, Instances
+from sipis.metrics import Metrics
+from sipis.push.base import Delivered, Kind, Routing
+from sipis.push.compose import compose
+from sipis.push.payload import call_reference
+from sipis.push.sender import PushSender
+from sipis.server_transactions import ServerTransaction, ServerTransactions
+from sipis.sip.message import Request
+from sipis.sip.registration import RegistrationState
+from sipis.sip.uas import UasPolicy, make_response, new_tag, preflight
+from sipis.sip.uri import SipUri
+from sipis.store import StoreError
+
+log = logging.getLogger(__name__)
+
+INVITE_POLICY = UasPolicy(
+    methods=("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "MESSAGE"),
+    content_types=("application/sdp",),
+    answer_types={"INVITE": ("application/sdp",)},
+)
+MESSAGE_POLICY = UasPolicy(methods=INVITE_POLICY.methods, content_types=None)
+TYPING = "application/im-iscomposing+xml"
+RECEIPT = "message/imdn+xml"
+PUSH_STATUS = "Push-Status"
+# How long an ended call's identity is remembered against late forked copies (Timer H).
+REMEMBER_ENDED = 32.0
+
+
+@dataclass(eq=False)
+class HeldCall:
+    """An INVITE held while the app is woken."""
+
+    identity: tuple[str, str]
+    binding: Binding
+    instance_id: str
+    account_id: str
+    transaction: ServerTransaction
+    to_tag: str
+    reference: str
+    caller: str
+    caller_name: str | None
+    ends_at: float
+    ringing: bool = True
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Calls:
+    """Turns INVITE, CANCEL and MESSAGE on bindings into held calls, queued messages and pushes."""
+
+    def __init__(
+        self,
+        bindings: BindingManager,
+        instances: Instances,
+        sender: PushSender,
+        metrics: Metrics,
+        *,
+        ring_timeout: float,
+        relay_uri: str,
+        max_message: int,
+    ) -> None:
+        self._bindings = bindings
+        self._instances = instances
+        self._sender = sender
+        self._metrics = metrics
+        self._ring_timeout = ring_timeout
+        self._relay_uri = relay_uri
+        self._max_message = max_message
+        self._loop = asyncio.get_running_loop()
+        self._held: dict[tuple[str, str], HeldCall] = {}
+        self._ended: dict[tuple[str, str], float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.transactions: ServerTransactions | None = None
+
+    def held(self, instance_id: str) -> list[HeldCall]:
+        """The calls ringing for an instance, oldest first."""
+        return [c for c in self._held.values() if c.instance_id == instance_id and c.ringing]
+
+    # -- requests ------------------------------------------------------------------
+
+    def on_request(self, transaction: ServerTransaction) -> None:
+        method = transaction.request.method
+        if method == "INVITE":
+            self._invite(transaction)
+        elif method == "CANCEL":
+            self._cancel(transaction)
+        elif method == "MESSAGE":
+            self._later(self._message(transaction))
+        else:
+            response = answer(transaction.request)
+            if response is not None:
+                transaction.respond(response)
+
+    def _binding_for(self, transaction: ServerTransaction) -> Binding | None:
+        """The live binding this request may reach, or None (then: 404, no push)."""
+        uri = transaction.request.uri
+        if not isinstance(uri, SipUri) or not uri.user:
+            return None
+        binding = self._bindings.by_contact_user(uri.user)
+        if binding is None or binding.flow is not transaction.flow:
+            return None
+        if binding.session.state is not RegistrationState.REGISTERED:
+            return None
+        return binding
+
+    def _refuse(self, transaction: ServerTransaction, status: int = 404) -> None:
+        transaction.respond(make_response(transaction.request, status))
+
+    def _invite(self, transaction: ServerTransaction) -> None:
+        request = transaction.request
+        binding = self._binding_for(transaction)
+        if binding is None:
+            self._metrics.calls.labels("refused").inc()
+            self._refuse(transaction)
+            return
+        rejection = preflight(request, INVITE_POLICY)
+        if rejection is not None:
+            transaction.respond(rejection)
+            return
+        if request.to.tag is not None:
+            self._refuse(transaction, 481)  # a re-INVITE for a dialog that does not exist
+            return
+        identity = (request.call_id, request.from_.tag or "")
+        self._forget_ended()
+        if identity in self._held or identity in self._ended:
+            self._refuse(transaction, 482)  # RFC 3261 §8.2.2.2: a merged (forked) request
+            return
+        instance_id, account_id = binding.key.split("/", 1)
+        to_tag = new_tag()
+        transaction.respond(make_response(request, 100))
+        call = HeldCall(
+            identity=identity,
+            binding=binding,
+            instance_id=instance_id,
+            account_id=account_id,
+            transaction=transaction,
+            to_tag=to_tag,
+            reference=call_reference(*identity),
+            caller=str(request.from_.uri),
+            caller_name=request.from_.display_name,
+            ends_at=self._loop.time() + self._ring_timeout,
+        )
+        self._held[identity] = call
+        call.timer = self._loop.call_at(call.ends_at, self._ring_out, call)
+        self._in_call(call, self._push_call(call))
+
+    async def _push_call(self, call: HeldCall) -> None:
+        routing = self._instances.routing(call.instance_id)
+        push = (
+            None
+            if routing is None
+            else compose(
+                Kind.CALL,
+                routing,
+                relay=self._relay_uri,
+                account=call.account_id,
+                call=call.reference,
+                caller=call.caller,
+                caller_name=call.caller_name,
+            )
+        )
+        status = "failed"
+        if push is not None:
+            self._metrics.invite_to_push.observe(self._loop.time() - call.transaction.arrived)
+            outcome = await self._sender.send(push, deadline=call.ends_at)
+            status = "sent" if isinstance(outcome, Delivered) else "failed"
+        if call.ringing:
+            call.transaction.respond(
+                make_response(
+                    call.transaction.request,
+                    180,
+                    to_tag=call.to_tag,
+                    headers=[(PUSH_STATUS, status)],
+                )
+            )
+
+    def _ring_out(self, call: HeldCall) -> None:
+        if not call.ringing:
+            return
+        self._end(call, 480, "missed")
+        self._notify(call, Kind.CALL_MISSED)
+
+    def _cancel(self, transaction: ServerTransaction) -> None:
+        request = transaction.request
+        invite = self.transactions.invite_cancelled_by(request) if self.transactions else None
+        call = None
+        if invite is not None:
+            call = next((c for c in self._held.values() if c.transaction is invite), None)
+        if call is None or not call.ringing:
+            self._refuse(transaction, 481)
+            return
+        transaction.respond(make_response(request, 200))
+        elsewhere = _answered_elsewhere(request)
+        self._end(call, 487, "answered_elsewhere" if elsewhere else "cancelled")
+        self._notify(call, Kind.ANSWERED_ELSEWHERE if elsewhere else Kind.CALL_CANCELLED)
+
+    def _end(self, call: HeldCall, status: int, outcome: str) -> None:
+        call.ringing = False
+        if call.timer is not None:
+            call.timer.cancel()
+        for task in call.tasks:
+            task.cancel()
+        call.transaction.respond(
+            make_response(call.transaction.request, status, to_tag=call.to_tag)
+        )
+        self._held.pop(call.identity, None)
+        self._ended[call.identity] = self._loop.time() + REMEMBER_ENDED
+        self._metrics.calls.labels(outcome).inc()
+
+    def _notify(self, call: HeldCall, kind: Kind) -> None:
+        routing = self._instances.routing(call.instance_id)
+        push = (
+            None
+            if routing is None
+            else compose(
+                kind,
+                routing,
+                account=call.account_id,
+                call=call.reference,
+                caller=call.caller,
+                caller_name=call.caller_name,
+            )
+        )
+        if push is not None:
+            self._later(self._sender.send(push))
+
+    def _forget_ended(self) -> None:
+        now = self._loop.time()
+        for identity in [i for i, until in self._ended.items() if until <= now]:
+            del self._ended[identity]
+
+    # -- messages ------------------------------------------------------------------
+
+    async def _message(self, transaction: ServerTransaction) -> None:
+        request = transaction.request
+        binding = self._binding_for(transaction)
+        if binding is None:
+            self._metrics.messages.labels("refused").inc()
+            self._refuse(transaction)
+            return
+        rejection = preflight(request, MESSAGE_POLICY)
+        if rejection is not None:
+            transaction.respond(rejection)
+            return
+        if len(request.body) > self._max_message:
+            self._metrics.messages.labels("too_large").inc()
+            self._refuse(transaction, 413)
+            return
+        content_type = (request.headers.get("Content-Type") or "text/plain").split(";")[0].strip()
+        if content_type.lower() == TYPING:
+            self._metrics.messages.labels("typing").inc()
+            transaction.respond(make_response(request, 200))
+            return
+        instance_id, account_id = binding.key.split("/", 1)
+        try:
+            await self._instances.queue_message(
+                instance_id, account_id, str(request.from_.uri), content_type, request.body
+            )
+        except (StoreError, InstanceGone) as exc:
+            log.warning("message for instance %s not stored: %s", instance_id, type(exc).__name__)
+            self._refuse(transaction, 500 if isinstance(exc, StoreError) else 404)
+            return
+        transaction.respond(make_response(request, 200))
+        if content_type.lower() == RECEIPT or _carries_receipt(request):
+            self._metrics.messages.labels("receipt").inc()
+            return
+        self._metrics.messages.labels("queued").inc()
+        routing = self._instances.routing(instance_id)
+        push = (
+            None
+            if routing is None
+            else compose(
+                Kind.MESSAGE,
+                routing,
+                relay=self._relay_uri,
+                account=account_id,
+                caller=str(request.from_.uri),
+                caller_name=request.from_.display_name,
+            )
+        )
+        if push is not None:
+            await self._sender.send(push)
+
+    # -- lifetime notices ------------------------------------------------------------
+
+    async def notify_expiring(self, routing: Routing) -> None:
+        push = compose(Kind.EXPIRING, routing)
+        if push is not None:
+            await self._sender.send(push)
+
+    async def notify_erased(self, routing: Routing, reason: str) -> None:
+        """Tell the app its instance is gone, unless its token is what failed."""
+        if reason == "token_invalid":
+            return
+        push = compose(Kind.ERASED, routing)
+        if push is not None:
+            await self._sender.send(push)
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    def _in_call(self, call: HeldCall, work: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        call.tasks.add(task)
+        task.add_done_callback(call.tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    def _later(self, work: Awaitable[object]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(_discard(work))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+
+    async def close(self) -> None:
+        for call in list(self._held.values()):
+            if call.ringing:
+                self._end(call, 480, "missed")
+        tasks = [*self._background, *(t for c in self._held.values() for t in c.tasks)]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _discard(work: Awaitable[object]) -> None:
+    await work
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("call handling failed", exc_info=task.exception())
+
+
+def _answered_elsewhere(cancel: Request) -> bool:
+    """RFC 3326: ``Reason: SIP;cause=200`` on a CANCEL means another device answered."""
+    for value in cancel.headers.values("Reason"):
+        protocol, _, params = value.partition(";")
+        if protocol.strip().upper() == "SIP" and "cause=200" in params.replace(" ", ""):
+            return True
+    return False
+
+
+def _carries_receipt(request: Request) -> bool:
+    """A CPIM-wrapped IMDN delivery or display notification (RFC 5438)."""
+    content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    return content_type == "message/cpim" and RECEIPT.encode() in request.body.lower()

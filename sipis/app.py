@@ -9,6 +9,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +25,9 @@ from sipis.inbound import Inbound
 from sipis.instances import Instances, LifetimeBounds
 from sipis.lifecycle import Sweeper
 from sipis.metrics import Metrics
+from sipis.push.apns import ApnsCertificate, ApnsProvider, ApnsTokenKey
 from sipis.push.base import Provider
+from sipis.push.fcm import FcmProvider
 from sipis.push.logged import LoggingProvider
 from sipis.push.sender import PushSender
 from sipis.server_transactions import ServerTransaction
@@ -176,12 +179,45 @@ async def start_relay(
 
 def push_providers(config: Config) -> dict[str, Provider]:
     """The push providers the configuration names; pushes are logged for the others."""
+    apns, fcm = config.apns, config.fcm
     providers: dict[str, Provider] = {}
-    for platform in ("ios", "android"):
-        log.warning("no %s push credentials configured: %s pushes are logged, not sent",
-                    platform, platform)  # fmt: skip
-        providers[platform] = LoggingProvider(platform)
+    if apns.configured:
+        credentials: ApnsTokenKey | ApnsCertificate
+        if apns.key_file is not None:
+            credentials = ApnsTokenKey(Path(apns.key_file), apns.key_id or "", apns.team_id or "")
+        else:
+            assert apns.certificate is not None
+            credentials = ApnsCertificate(Path(apns.certificate))
+        providers["ios"] = ApnsProvider(
+            credentials,
+            servers={
+                "production": _host_port(apns.production_server),
+                "sandbox": _host_port(apns.sandbox_server),
+            },
+            ca_file=Path(apns.ca_file) if apns.ca_file else None,
+            timeout=apns.timeout,
+        )
+    if fcm.configured:
+        assert fcm.service_account is not None
+        providers["android"] = FcmProvider(
+            Path(fcm.service_account),
+            send_url_base=fcm.send_url,
+            token_uri=fcm.token_uri,
+            ca_file=Path(fcm.ca_file) if fcm.ca_file else None,
+            timeout=fcm.timeout,
+            call_ttl=fcm.call_ttl,
+        )
+    for platform, service in (("ios", "APNs"), ("android", "FCM")):
+        if platform not in providers:
+            log.warning("no %s credentials configured: %s pushes are logged, not sent",
+                        service, platform)  # fmt: skip
+            providers[platform] = LoggingProvider(platform)
     return providers
+
+
+def _host_port(server: str) -> tuple[str, int]:
+    host, _, port = server.rpartition(":")
+    return host, int(port)
 
 
 def _relay_uri(config: Config, transport: TransportLayer) -> str:

@@ -79,6 +79,38 @@ class PushSection:
 
 
 @dataclass(frozen=True)
+class ApnsSection:
+    """Token auth (key_file, key_id, team_id) or certificate auth (certificate)."""
+
+    key_file: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    certificate: str | None = None
+    production_server: str = "api.push.apple.com:443"
+    sandbox_server: str = "api.sandbox.push.apple.com:443"
+    ca_file: str | None = None
+    timeout: float = 5.0
+
+    @property
+    def configured(self) -> bool:
+        return self.key_file is not None or self.certificate is not None
+
+
+@dataclass(frozen=True)
+class FcmSection:
+    service_account: str | None = None
+    send_url: str | None = None
+    token_uri: str | None = None
+    ca_file: str | None = None
+    timeout: float = 5.0
+    call_ttl: float = 30.0
+
+    @property
+    def configured(self) -> bool:
+        return self.service_account is not None
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
 
@@ -92,6 +124,8 @@ class Config:
     lifecycle: LifecycleSection = field(default_factory=LifecycleSection)
     keys: KeysSection = field(default_factory=KeysSection)
     push: PushSection = field(default_factory=PushSection)
+    apns: ApnsSection = field(default_factory=ApnsSection)
+    fcm: FcmSection = field(default_factory=FcmSection)
     log: LogSection = field(default_factory=LogSection)
     warnings: tuple[str, ...] = ()
 
@@ -163,6 +197,32 @@ def _nameservers(key: str, value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(servers)
 
 
+def _file(key: str, value: Any) -> str | None:
+    if value == "":
+        return None
+    path = Path(_text(key, value))
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file {str(path)!r}")
+    return str(path)
+
+
+def _server(key: str, value: Any) -> str:
+    text = _text(key, value)
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"{key}: expected host:port, got {value!r}")
+    return text
+
+
+def _https_url(key: str, value: Any) -> str | None:
+    if value == "":
+        return None
+    text = _text(key, value)
+    if not text.startswith("https://"):
+        raise ConfigError(f"{key}: expected an https:// URL, got {value!r}")
+    return text
+
+
 def _level(key: str, value: Any) -> str:
     text = _text(key, value).lower()
     if text not in ("debug", "info", "warning", "error"):
@@ -207,6 +267,24 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "relay_uri": _optional_text,
         "max_message": _count(1, 1024 * 1024),
     },
+    "apns": {
+        "key_file": _file,
+        "key_id": _optional_text,
+        "team_id": _optional_text,
+        "certificate": _file,
+        "production_server": _server,
+        "sandbox_server": _server,
+        "ca_file": _file,
+        "timeout": _SECONDS,
+    },
+    "fcm": {
+        "service_account": _file,
+        "send_url": _https_url,
+        "token_uri": _https_url,
+        "ca_file": _file,
+        "timeout": _SECONDS,
+        "call_ttl": _SECONDS,
+    },
     "log": {"level": _level},
 }
 _SECTIONS: dict[str, type] = {
@@ -217,6 +295,8 @@ _SECTIONS: dict[str, type] = {
     "lifecycle": LifecycleSection,
     "keys": KeysSection,
     "push": PushSection,
+    "apns": ApnsSection,
+    "fcm": FcmSection,
     "log": LogSection,
 }
 
@@ -253,6 +333,12 @@ def _check_together(config: Config) -> None:
     api = config.api
     if (api.certificate is None) != (api.private_key is None):
         raise ConfigError("api.certificate: give both api.certificate and api.private_key")
+    apns = config.apns
+    if apns.key_file is not None and apns.certificate is not None:
+        raise ConfigError("apns.key_file: give a signing key or a certificate, not both")
+    if apns.key_file is not None and (apns.key_id is None or apns.team_id is None):
+        missing = "apns.key_id" if apns.key_id is None else "apns.team_id"
+        raise ConfigError(f"{missing}: required with apns.key_file")
 
 
 def load_config(path: Path | None) -> Config:

@@ -31,7 +31,7 @@ from sipis.push.fcm import FcmProvider
 from sipis.push.logged import LoggingProvider
 from sipis.push.sender import PushSender
 from sipis.server_transactions import ServerTransaction
-from sipis.sip.message import Message, ParseError
+from sipis.sip.message import Message, ParseError, Request, Response
 from sipis.sip.registration import RegistrationState
 from sipis.store.sqlite import SqliteStore
 from sipis.transport.flow import Flow
@@ -120,9 +120,13 @@ async def start_relay(
         assert calls is not None
         calls.on_request(transaction)
 
+    def admit(request: Request, flow: Flow) -> Response | None:
+        assert calls is not None
+        return calls.admit(request, flow)
+
     transport = TransportLayer(dispatch, settings)
     resolver = Resolver(list(config.dns.nameservers) or None, timeout=config.dns.timeout)
-    inbound = Inbound(on_request)
+    inbound = Inbound(on_request, admit=admit)
     bindings = BindingManager(transport, resolver, on_request=inbound.handle)
     await transport.start()
     life = config.lifecycle

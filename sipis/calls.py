@@ -5,7 +5,7 @@ Theory of operation
 Only a request that arrives on a live binding's flow (so from its
 registrar), addressed to that binding's unguessable contact user, can reach
 an instance; anything else (a scanner, a spoofed packet from another
-address, a stale contact) gets 404 and never a push.
+address, a stale contact) gets one stateless 404 and never a push.
 
 INVITE::
 
@@ -44,11 +44,12 @@ from sipis.push.compose import compose
 from sipis.push.payload import call_reference
 from sipis.push.sender import PushSender
 from sipis.server_transactions import ServerTransaction, ServerTransactions
-from sipis.sip.message import Request
+from sipis.sip.message import Request, Response
 from sipis.sip.registration import RegistrationState
 from sipis.sip.uas import UasPolicy, make_response, new_tag, preflight
 from sipis.sip.uri import SipUri
 from sipis.store import StoreError
+from sipis.transport.flow import Flow
 
 log = logging.getLogger(__name__)
 
@@ -117,26 +118,36 @@ class Calls:
 
     # -- requests ------------------------------------------------------------------
 
+    def admit(self, request: Request, flow: Flow) -> Response | None:
+        """Refuse, statelessly, what may not open a transaction: anything for an instance
+        that is not on a live binding's flow (404), and what needs no state at all."""
+        if request.method in ("INVITE", "CANCEL", "MESSAGE"):
+            if self._binding_for(request, flow) is None:
+                kind = (
+                    self._metrics.messages if request.method == "MESSAGE" else self._metrics.calls
+                )
+                kind.labels("refused").inc()
+                return make_response(request, 404)
+            return None
+        return answer(request)
+
     def on_request(self, transaction: ServerTransaction) -> None:
+        """An admitted INVITE, CANCEL or MESSAGE, in its transaction."""
         method = transaction.request.method
         if method == "INVITE":
             self._invite(transaction)
         elif method == "CANCEL":
             self._cancel(transaction)
-        elif method == "MESSAGE":
-            self._later(self._message(transaction))
         else:
-            response = answer(transaction.request)
-            if response is not None:
-                transaction.respond(response)
+            self._later(self._message(transaction))
 
-    def _binding_for(self, transaction: ServerTransaction) -> Binding | None:
-        """The live binding this request may reach, or None (then: 404, no push)."""
-        uri = transaction.request.uri
+    def _binding_for(self, request: Request, flow: Flow) -> Binding | None:
+        """The live binding this request may reach, or None."""
+        uri = request.uri
         if not isinstance(uri, SipUri) or not uri.user:
             return None
         binding = self._bindings.by_contact_user(uri.user)
-        if binding is None or binding.flow is not transaction.flow:
+        if binding is None or binding.flow is not flow:
             return None
         if binding.session.state is not RegistrationState.REGISTERED:
             return None
@@ -147,9 +158,8 @@ class Calls:
 
     def _invite(self, transaction: ServerTransaction) -> None:
         request = transaction.request
-        binding = self._binding_for(transaction)
-        if binding is None:
-            self._metrics.calls.labels("refused").inc()
+        binding = self._binding_for(request, transaction.flow)
+        if binding is None:  # the binding went away since the request was admitted
             self._refuse(transaction)
             return
         rejection = preflight(request, INVITE_POLICY)
@@ -272,9 +282,8 @@ class Calls:
 
     async def _message(self, transaction: ServerTransaction) -> None:
         request = transaction.request
-        binding = self._binding_for(transaction)
-        if binding is None:
-            self._metrics.messages.labels("refused").inc()
+        binding = self._binding_for(request, transaction.flow)
+        if binding is None:  # the binding went away since the request was admitted
             self._refuse(transaction)
             return
         rejection = preflight(request, MESSAGE_POLICY)

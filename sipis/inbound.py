@@ -54,7 +54,8 @@ def answer(request: Request | ParseError) -> Response | None:
 class Inbound:
     """Gives each request that reaches the SIP endpoint its server transaction.
 
-    ``on_request`` answers it (by default: ``answer``).  A malformed request
+    ``on_request`` answers it (by default: ``answer``); ``admit`` may refuse
+    it first, statelessly.  A malformed request
     cannot have a transaction (its keys may be what is broken) and is
     answered statelessly, once per copy.
     """
@@ -63,9 +64,12 @@ class Inbound:
         self,
         on_request: Callable[[ServerTransaction], None] | None = None,
         *,
+        admit: Callable[[Request, Flow], Response | None] | None = None,
         timers: Timers = DEFAULT_TIMERS,
     ) -> None:
-        self.transactions = ServerTransactions(on_request or self._answer, timers=timers)
+        self.transactions = ServerTransactions(
+            on_request or self._answer, admit=admit, timers=timers
+        )
 
     def handle(self, request: Request | ParseError, flow: Flow) -> None:
         if isinstance(request, Request):

@@ -1,8 +1,10 @@
 """Server transactions over real flows: the IO side of ``sipis.sip.transaction``.
 
-Every request that is not a retransmission opens a transaction, keyed as
-RFC 3261 §17.2.3 says, and goes to the handler once; retransmissions and
-ACKs for non-2xx finals stay here.  Responses go out over the flow the
+Every request that is not a retransmission is first put to ``admit``: a
+request it refuses is answered statelessly, once (a scanner or a spoofed
+packet costs one datagram back and no memory).  Any other opens a
+transaction, keyed as RFC 3261 §17.2.3 says, and goes to the handler once;
+retransmissions and ACKs for non-2xx finals stay here.  Responses go out over the flow the
 request came on (to the Via's rport/received address on UDP), the
 transaction's timers (G, H, I, J, L) run on one shared scheduler, and a
 terminated transaction is forgotten.
@@ -63,9 +65,11 @@ class ServerTransactions:
         self,
         on_request: Callable[[ServerTransaction], None],
         *,
+        admit: Callable[[Request, Flow], Response | None] | None = None,
         timers: Timers = DEFAULT_TIMERS,
     ) -> None:
         self._on_request = on_request
+        self._admit = admit
         self._timers = timers
         self._loop = asyncio.get_running_loop()
         self._table: dict[tuple[str, ...], ServerTransaction] = {}
@@ -88,6 +92,14 @@ class ServerTransactions:
         if existing is not None:
             existing.txn.receive_retransmission()
             self.drive(existing)
+            return
+        refusal = self._admit(request, flow) if self._admit is not None else None
+        if refusal is not None:
+            # Answered once and forgotten: no state, no retransmissions, nothing to amplify.
+            try:
+                flow.reply(refusal.serialize(), request.via)
+            except FlowClosed:
+                log.debug("refusal not sent: %r is closed", flow)
             return
         reliable = flow.reliable
         txn: ServerInviteTransaction | ServerNonInviteTransaction

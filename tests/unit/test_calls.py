@@ -247,7 +247,11 @@ async def test_requests_not_from_the_binding_flow_never_push(setup: Setup) -> No
         assert (await spoofer.response()).status == 404
         registrar.send(request(registrar, "INVITE", body=SDP, user="guessed-user"))
         assert (await registrar.response()).status == 404
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(1.2)  # longer than Timer G's first retransmission
+        assert spoofer.responses.empty() and registrar.responses.empty(), (
+            "refused once, statelessly"
+        )
+        assert len(setup.running.relay.inbound.transactions) == 0, "no state kept for them"
         assert provider.pushes.empty()
     finally:
         spoofer_transport.close()

@@ -1,0 +1,104 @@
+"""Fixtures for the real-peer tests: a relay with local push services, and Kamailio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from sipis.testing import tls_server_context
+from sipis.testing.apns import ApnsSigningKey, LocalApns
+from sipis.testing.fcm import LocalFcm
+from tests.conftest import PEER_USERS
+from tests.peers.api import APNS_TOKEN, OTHER_TOKEN, PAYLOAD_KEY_B64, RunningRelay, relay_with_api
+from tests.peers.kamailio import Kamailio
+from tests.peers.sipp import SippResult, run_sipp_client
+
+RING = 2.0
+FCM_TOKEN = "fcm-token-" + "x" * 40
+
+
+@dataclass
+class World:
+    """Kamailio, a local APNs and FCM, and a relay pushing to them."""
+
+    kamailio: Kamailio
+    apns: LocalApns
+    fcm: LocalFcm
+    running: RunningRelay
+    tmp_path: Path
+
+    async def instance(self, platform: str, user: str = "alice") -> tuple[str, str]:
+        """A new instance whose account registers ``user`` at Kamailio; (id, secret)."""
+        push: dict[str, Any] = (
+            {"call_token": APNS_TOKEN, "other_token": OTHER_TOKEN, "environment": "sandbox"}
+            if platform == "ios"
+            else {"call_token": FCM_TOKEN}
+        )
+        account = {
+            "id": "work",
+            "aor": f"sip:{user}@example.test",
+            "password": PEER_USERS[user],
+            "registrar": self.kamailio.uri("udp"),
+        }
+        body = {
+            "app_id": "com.example.phone",
+            "platform": platform,
+            "push": push,
+            "payload_key": PAYLOAD_KEY_B64,
+            "accounts": [account],
+        }
+        status, created = await self.running.client.call("POST", "/v1/instances", body=body)
+        assert status == 201, created
+        await self.kamailio.wait_for_contacts(user, bool)
+        return created["id"], created["secret"]
+
+    async def call(self, scenario: str, user: str = "alice", **keys: str) -> SippResult:
+        """Run a sipp caller scenario towards ``user`` through Kamailio."""
+        arguments = [arg for name, value in keys.items() for arg in ("-key", name, value)]
+        return await run_sipp_client(
+            scenario,
+            self.kamailio.address("udp"),
+            service=user,
+            arguments=arguments,
+            timeout=RING + 8,
+            workdir=self.tmp_path / f"sipp-{scenario}",
+        )
+
+
+@pytest.fixture
+async def world(kamailio: Kamailio, tmp_path: Path, peer_ca: trustme.CA) -> AsyncIterator[World]:
+    ca_file = tmp_path / "push-ca.pem"
+    peer_ca.cert_pem.write_to_path(str(ca_file))
+    key = ApnsSigningKey.generate()
+    key_file = key.write_p8(tmp_path / "AuthKey.p8")
+    async with (
+        LocalApns(tls_server_context(peer_ca), signing_keys=[key]) as apns,
+        LocalFcm(tls_server_context(peer_ca)) as fcm,
+    ):
+        account_file = fcm.service_account_file(tmp_path / "service-account.json")
+        server = f"127.0.0.1:{apns.port}"
+        async with relay_with_api(
+            tmp_path,
+            push={"ring_timeout": RING},
+            apns={
+                "key_file": str(key_file),
+                "key_id": key.key_id,
+                "team_id": key.team_id,
+                "production_server": server,
+                "sandbox_server": server,
+                "ca_file": str(ca_file),
+            },
+            fcm={
+                "service_account": str(account_file),
+                "send_url": fcm.base_url,
+                "token_uri": fcm.token_uri,
+                "ca_file": str(ca_file),
+            },
+            lifecycle={"unregister_wait": 1.0},
+        ) as running:
+            yield World(kamailio, apns, fcm, running, tmp_path)

@@ -34,3 +34,16 @@ async def test_sealing_example_is_accepted(tmp_path: Path) -> None:
         assert status == 201, created
         binding = running.relay.bindings.get(f"{created['id']}/work")
         assert binding is not None and binding.session.config.password == "from-the-readme"
+
+
+def test_push_opening_example_decrypts_a_sealed_payload() -> None:
+    from sipis.push.payload import seal
+
+    example = README.split("### The payload, and how an app opens it")[1]
+    code = example.split("```python")[1].split("```")[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    key = bytes(range(32))
+    content = {"type": "call", "caller": "sip:bob@example.test"}
+    assert namespace["open_push"](seal(content, key), key) == content
+    assert namespace["open_push"](content, key) == content

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
@@ -108,7 +109,8 @@ class Calls:
         self._max_message = max_message
         self._loop = asyncio.get_running_loop()
         self._held: dict[tuple[str, str], HeldCall] = {}
-        self._ended: dict[tuple[str, str], float] = {}
+        # calls ended in the last REMEMBER_ENDED seconds, oldest first, with when to forget them
+        self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
         self.transactions: ServerTransactions | None = None
 
@@ -275,8 +277,8 @@ class Calls:
 
     def _forget_ended(self) -> None:
         now = self._loop.time()
-        for identity in [i for i, until in self._ended.items() if until <= now]:
-            del self._ended[identity]
+        while self._ended and next(iter(self._ended.values())) <= now:
+            self._ended.popitem(last=False)
 
     # -- messages ------------------------------------------------------------------
 

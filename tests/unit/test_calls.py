@@ -203,6 +203,35 @@ async def test_a_forked_copy_never_pushes_twice(setup: Setup) -> None:
     assert provider.pushes.empty()
 
 
+async def test_an_ended_call_is_remembered_for_a_while(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sipis.calls.REMEMBER_ENDED", 0.5)
+    registrar, provider = setup.registrar, setup.provider
+
+    async def cancelled_call(call_id: str) -> None:
+        branch = f"z9hG4bK{call_id}"
+        registrar.send(request(registrar, "INVITE", call_id=call_id, body=SDP, branch=branch))
+        await provider.next()
+        assert [(await registrar.response()).status for _ in range(2)] == [100, 180]
+        registrar.send(request(registrar, "CANCEL", call_id=call_id, branch=branch))
+        assert sorted([(await registrar.response()).status for _ in range(2)]) == [200, 487]
+        registrar.send(request(registrar, "ACK", call_id=call_id, branch=branch))
+        assert (await provider.next()).kind is Kind.CALL_CANCELLED
+
+    await cancelled_call("early")
+    await cancelled_call("late")
+    # a copy of the first call arriving late by another path is refused as merged ...
+    registrar.send(request(registrar, "INVITE", call_id="early", body=SDP, branch="z9hG4bKcopy"))
+    assert (await registrar.response()).status == 482
+    registrar.send(request(registrar, "ACK", call_id="early", branch="z9hG4bKcopy"))
+    await asyncio.sleep(0.6)
+    # ... until the memory of both calls has lapsed, oldest first: then it is a new call
+    registrar.send(request(registrar, "INVITE", call_id="late", body=SDP, branch="z9hG4bKagain"))
+    assert (await registrar.response()).status == 100
+    assert (await provider.next()).kind is Kind.CALL
+
+
 @pytest.mark.parametrize(
     ("reason", "kind"),
     [("SIP;cause=487", Kind.CALL_CANCELLED),

@@ -60,6 +60,7 @@ from aioapns.exceptions import ConnectionClosed, MaxAttemptsExceeded
 from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from cryptography import x509
 from h2.exceptions import ProtocolError
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 
 from sipis.push.base import (
     Delivered,
@@ -169,11 +170,15 @@ class _ApnsProtocol(APNsTLSClientProtocol):
     - drops the connection at once when a caller gives up on a request (a
       timeout): the late answer is ignored, and a connection that stopped
       answering is not used again;
-    - takes no new request once closing.
+    - takes no new request once closing;
+    - encodes header blocks cheaply (``_PlainEncoder``) and keeps the
+      values that differ per push (device token, ids) out of the HPACK
+      table, where they would only evict the ones that repeat.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.conn.encoder = _PlainEncoder()
         self._in_flight: dict[str, _Request] = {}
         self._closing = False
         self.lost: asyncio.Future[None] = self.loop.create_future()
@@ -190,19 +195,19 @@ class _ApnsProtocol(APNsTLSClientProtocol):
     async def send_notification(self, request: NotificationRequest) -> NotificationResult:
         assert isinstance(request, _Request)
         stream_id = await self.free_channels.acquire()
-        headers = [
+        headers: list[HeaderTuple | tuple[str, str]] = [
             (":method", "POST"),
             (":scheme", "https"),
             (":authority", self.APNS_SERVER),
-            (":path", f"/3/device/{request.device_token}"),
-            ("apns-id", request.notification_id),
+            NeverIndexedHeaderTuple(":path", f"/3/device/{request.device_token}"),
+            NeverIndexedHeaderTuple("apns-id", request.notification_id),
             ("apns-topic", request.wire.topic),
             ("apns-push-type", request.wire.push_type.value),
             ("apns-priority", str(request.wire.priority)),
             ("apns-expiration", str(request.wire.expiration)),
         ]
         if request.collapse_key is not None:
-            headers.append(("apns-collapse-id", request.collapse_key))
+            headers.append(NeverIndexedHeaderTuple("apns-collapse-id", request.collapse_key))
         if self.auth_provider is not None:
             headers.append(("authorization", self.auth_provider.get_header()))
         body = json.dumps(request.wire.body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -257,6 +262,14 @@ class _ApnsProtocol(APNsTLSClientProtocol):
         super().connection_lost(exc)
         if not self.lost.done():
             self.lost.set_result(None)
+
+
+class _PlainEncoder(Encoder):
+    """HPACK without Huffman coding: it would save APNs about a fifth of a
+    header block's ~300 bytes, for four times the encoding CPU per push."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 def _protocol_for(host: str, port: int) -> type[_ApnsProtocol]:

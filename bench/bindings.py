@@ -129,7 +129,7 @@ async def tls_connection_memory(kamailio: Kamailio, count: int) -> None:
 
     async def asyncio_ssl() -> list[object]:
         loop = asyncio.get_running_loop()
-        out = []
+        out: list[object] = []
         for _ in range(count):
             transport, _ = await loop.create_connection(
                 asyncio.Protocol, host, port, ssl=context, server_hostname="registrar.test"

@@ -323,7 +323,9 @@ class Kamailio:
             "-E",  # log to stderr
             "-Y", str(self.runtime_dir),
             "-w", str(self.workdir),  # working directory (core files)
-            "-m", "64",
+            # Shared memory: location records and transactions, which a
+            # benchmark's call rate over many users fills.
+            "-m", str(max(64, len(self.users) // 40)),
             # Private memory of each process: the config holds a line per user.
             "-M", str(max(8, len(self.users) // 100)),
         ]  # fmt: skip

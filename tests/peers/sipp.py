@@ -427,7 +427,7 @@ def _collect(returncode: int, workdir: Path) -> SippResult:
     errors_path = workdir / "errors.log"
     return SippResult(
         returncode=returncode,
-        stats=_read_stats(workdir / "stats.csv"),
+        stats=read_stats(workdir / "stats.csv"),
         messages=tuple(_read_messages(workdir / "messages.log")),
         errors=errors_path.read_text(errors="replace") if errors_path.exists() else "",
         screen=tail(workdir / "screen.log", 200),
@@ -477,7 +477,7 @@ def _read_messages(path: Path) -> list[SipMessage]:
     return messages
 
 
-def _read_stats(path: Path) -> SippStats:
+def read_stats(path: Path) -> SippStats:
     """Read the final (cumulative) counters; all zero when sipp wrote none."""
     rows = list(csv.reader(path.read_text().splitlines(), delimiter=";")) if path.exists() else []
     if len(rows) < 2:

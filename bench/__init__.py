@@ -1,0 +1,1 @@
+"""Benchmarks: each module runs as a script (python bench/<name>.py) and prints its figures."""

@@ -70,6 +70,7 @@ from sipis.push.base import (
     Push,
     RetryAfter,
     TokenInvalid,
+    retry_after_seconds,
 )
 from sipis.push.logged import masked
 
@@ -410,16 +411,5 @@ def _outcome(result: NotificationResult, retry_after: str | None) -> Outcome:
     if status == "410" or (status == "400" and reason in TOKEN_REASONS):
         return TokenInvalid(reason)
     if status == "429" or status.startswith("5"):
-        return RetryAfter(reason, _seconds(retry_after))
+        return RetryAfter(reason, retry_after_seconds(retry_after))
     return Failed(f"{status} {reason}")
-
-
-def _seconds(retry_after: str | None) -> float | None:
-    """A Retry-After of delay-seconds (RFC 9110, 10.2.3); Apple itself sends none."""
-    if retry_after is None:
-        return None
-    try:
-        seconds = float(retry_after)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None

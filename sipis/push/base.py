@@ -9,7 +9,11 @@ token was rejected belongs to the caller (``sipis.push.sender``).
 from __future__ import annotations
 
 import enum
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 
@@ -96,6 +100,29 @@ class Failed:
 
 
 Outcome = Delivered | TokenInvalid | RetryAfter | Failed
+
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """The wait a ``Retry-After`` header asks for, or None if absent or unreadable.
+
+    RFC 9110, 10.2.3: ``Retry-After = HTTP-date / delay-seconds`` with
+    ``delay-seconds = 1*DIGIT``; a fraction after the digits is taken as
+    well.  A date in the past is no wait at all.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        return None
+    return max(0.0, when.timestamp() - now())
 
 
 def outcome_name(outcome: Outcome) -> str:

@@ -74,6 +74,7 @@ from sipis.push.base import (
     Push,
     RetryAfter,
     TokenInvalid,
+    retry_after_seconds,
 )
 from sipis.push.logged import masked
 
@@ -296,7 +297,7 @@ class FcmProvider:
             self._http.forget_token()
             return RetryAfter(reason)
         if status == 429 or status >= 500:
-            return RetryAfter(reason, _seconds(response.headers.get("Retry-After")))
+            return RetryAfter(reason, retry_after_seconds(response.headers.get("Retry-After")))
         return Failed(f"{status} {reason}")
 
     def _logged(self, push: Push, outcome: Outcome) -> Outcome:
@@ -326,14 +327,3 @@ def _oauth_error(error: auth_exceptions.RefreshError) -> str:
     """The OAuth error code at the head of google-auth's message (e.g. invalid_grant)."""
     text = str(error.args[0]) if error.args else ""
     return text.split(":", 1)[0].strip() or "unknown"
-
-
-def _seconds(retry_after: str | None) -> float | None:
-    """A Retry-After of delay-seconds (RFC 9110, 10.2.3)."""
-    if retry_after is None:
-        return None
-    try:
-        seconds = float(retry_after)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None

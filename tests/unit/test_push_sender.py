@@ -17,6 +17,7 @@ from sipis.push.base import (
     RetryAfter,
     Routing,
     TokenInvalid,
+    retry_after_seconds,
 )
 from sipis.push.compose import compose
 from sipis.push.payload import seal, unseal
@@ -126,3 +127,20 @@ def test_sealed_payload_hides_everything_and_opens_with_the_key() -> None:
 
 async def _never(instance_id: str) -> None:
     raise AssertionError("no token should be rejected here")
+
+
+NOW = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's example date
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [(None, None), ("120", 120.0), (" 0 ", 0.0),
+     ("Sun, 06 Nov 1994 08:50:07 GMT", 30.0),  # a date 30 s ahead
+     ("Sun, 06 Nov 1994 08:00:00 GMT", 0.0),  # a date gone by: no wait
+     ("1.5", 1.5), ("-5", None), ("1.", None), ("inf", None), ("nan", None), ("\u0662", None),
+     ("soon", None), ("Sun, 06 Nov 1994 08:50:07 -0000", None)],
+)  # fmt: skip
+def test_retry_after_is_delay_seconds_or_an_http_date(
+    header: str | None, seconds: float | None
+) -> None:
+    assert retry_after_seconds(header, now=lambda: NOW) == seconds

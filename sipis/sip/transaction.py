@@ -7,6 +7,24 @@ the bytes it wants sent in an outbox (``outgoing()`` drains it) and exposes
 ``deadline``, the next time its ``on_timer`` must be called.  Nothing here
 sleeps or reads a clock, so every timer is a unit test.
 
+Client INVITE (§17.1.1, RFC 6026 §8.4)::
+
+    Calling --1xx--> Proceeding
+       |                 |
+       +-----------------+--300-699, ACK sent--> Completed --D--> Terminated
+       +-----------------+--2xx----------------> Accepted  --M--> Terminated
+       +--B (or transport error, also in Proceeding)--> Terminated, TU told TimedOut
+
+    Timer A retransmits the INVITE over unreliable transports: T1, doubling
+    without a cap, until any response arrives.  B = 64*T1 bounds Calling
+    only: once a provisional response has come, how long to ring is the
+    TU's choice (it ends it with a CANCEL built by ``cancel_for``).  The
+    transaction ACKs a 300-699 itself (``ack_for_failure``) and resends that
+    ACK for every retransmission of the response, which the TU never sees;
+    D = ``Timers.d``, 32 s by default (0 if reliable).  A 2xx is ACKed end
+    to end by the TU, so every 2xx, retransmitted or from another fork,
+    goes to the TU until M = 64*T1.
+
 Client non-INVITE (§17.1.2)::
 
     Trying --1xx--> Proceeding --final--> Completed --K--> Terminated
@@ -46,18 +64,25 @@ import enum
 import secrets
 from dataclasses import dataclass
 
-from .message import Request, Response
+from .errors import SipError
+from .message import Message, Request, Response
 
 MAGIC_COOKIE = "z9hG4bK"
 
 
 @dataclass(frozen=True, slots=True)
 class Timers:
-    """RFC 3261 §17.1.1.1 / Table 4 base values, in seconds."""
+    """RFC 3261 §17.1.1.1 / Table 4 base values, in seconds.
+
+    ``d`` is Timer D, how long a client INVITE transaction waits for
+    retransmissions of a failure response over an unreliable transport
+    (Table 4: at least 32 s).
+    """
 
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0
+    d: float = 32.0
 
 
 DEFAULT_TIMERS = Timers()
@@ -71,6 +96,7 @@ class TimedOut:
 
 
 class State(enum.Enum):
+    CALLING = "calling"
     TRYING = "trying"
     PROCEEDING = "proceeding"
     COMPLETED = "completed"
@@ -201,6 +227,149 @@ class ClientNonInviteTransaction(_Transaction):
         self.state = State.TERMINATED
         self._e_at = self._f_at = self._k_at = None
         return TimedOut(reason)
+
+
+class ClientInviteTransaction(_Transaction):
+    """Sends one INVITE: ACKs a failure itself, hands every 2xx to the TU."""
+
+    __slots__ = (
+        "_a_at",
+        "_a_interval",
+        "_ack",
+        "_b_at",
+        "_d_at",
+        "_m_at",
+        "_wire",
+        "key",
+        "request",
+    )
+
+    def __init__(
+        self,
+        request: Request,
+        now: float,
+        *,
+        reliable: bool,
+        timers: Timers = DEFAULT_TIMERS,
+    ) -> None:
+        super().__init__(reliable, timers)
+        self.state = State.CALLING
+        self.request = request
+        self.key = client_key(request.via.branch or "", "INVITE")
+        self._wire = request.serialize()
+        self._outbox.append(self._wire)
+        self._ack: bytes | None = None
+        self._a_interval = timers.t1
+        self._a_at: float | None = None if reliable else now + timers.t1
+        self._b_at: float | None = now + 64 * timers.t1
+        self._d_at: float | None = None
+        self._m_at: float | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        times = [t for t in (self._a_at, self._b_at, self._d_at, self._m_at) if t is not None]
+        return min(times) if times else None
+
+    def receive(self, response: Response, now: float) -> Response | None:
+        """Feed a matching response; returns it if the TU should see it."""
+        status = response.status
+        if self.state in (State.CALLING, State.PROCEEDING):
+            self._a_at = self._b_at = None
+            if status < 200:
+                self.state = State.PROCEEDING
+            elif status < 300:
+                self.state = State.ACCEPTED
+                self._m_at = now + 64 * self.timers.t1
+            else:
+                self.state = State.COMPLETED
+                self._ack = ack_for_failure(self.request, response).serialize()
+                self._outbox.append(self._ack)
+                self._d_at = now + (0 if self.reliable else self.timers.d)
+            return response
+        if self.state is State.ACCEPTED and 200 <= status < 300:
+            return response
+        if self.state is State.COMPLETED and status >= 300 and self._ack is not None:
+            self._outbox.append(self._ack)
+        return None
+
+    def on_timer(self, now: float) -> TimedOut | None:
+        if self._d_at is not None and now >= self._d_at:
+            self._d_at = None
+            self.state = State.TERMINATED
+        if self._m_at is not None and now >= self._m_at:
+            self._m_at = None
+            self.state = State.TERMINATED
+        if self._b_at is not None and now >= self._b_at:
+            return self._fail("timeout")
+        if self._a_at is not None and now >= self._a_at:
+            self._outbox.append(self._wire)
+            self._a_interval *= 2
+            self._a_at = now + self._a_interval
+        return None
+
+    def transport_failed(self) -> TimedOut | None:
+        """The transport could not send (§17.1.4).
+
+        The TU sees a failure once while it still waits for a final
+        response; a lost ACK in Completed only ends the transaction.
+        """
+        if self.state in (State.CALLING, State.PROCEEDING):
+            return self._fail("transport error")
+        if self.state is State.COMPLETED:
+            self.state = State.TERMINATED
+            self._d_at = None
+        return None
+
+    def _fail(self, reason: str) -> TimedOut:
+        self.state = State.TERMINATED
+        self._a_at = self._b_at = None
+        return TimedOut(reason)
+
+
+def ack_for_failure(invite: Request, response: Response) -> Request:
+    """The ACK for a 300-699 answer to ``invite`` (§17.1.1.3).
+
+    Request-URI, Call-ID, From and the CSeq number are the INVITE's, To is
+    the response's (with the tag it added), the only Via is the INVITE's
+    top one, and the INVITE's Route header fields come along.
+    """
+    return _same_hop_request("ACK", invite, to=_field(response, "To"))
+
+
+def cancel_for(invite: Request) -> Request:
+    """The CANCEL for a pending ``invite`` (§9.1).
+
+    Request-URI, Call-ID, To, From (tags included) and the CSeq number are
+    the INVITE's, the only Via is the INVITE's top one (same branch, so the
+    UAS matches it to the INVITE), and the INVITE's Route header fields come
+    along.  It is sent in a client non-INVITE transaction of its own, and
+    only once a provisional response has arrived.
+    """
+    return _same_hop_request("CANCEL", invite, to=_field(invite, "To"))
+
+
+def _same_hop_request(method: str, invite: Request, *, to: str) -> Request:
+    """A request that follows ``invite`` hop by hop: same top Via, same route."""
+    vias = invite.headers.values("Via")
+    if not vias:
+        raise SipError("missing Via")
+    fields = [("Via", vias[0])]
+    fields += [("Route", route) for route in invite.headers.get_all("Route")]
+    fields += [
+        ("Max-Forwards", "70"),
+        ("From", _field(invite, "From")),
+        ("To", to),
+        ("Call-ID", _field(invite, "Call-ID")),
+        ("CSeq", f"{invite.cseq.number} {method}"),
+    ]
+    return Request(method, invite.uri, fields)
+
+
+def _field(message: Message, name: str) -> str:
+    value = message.headers.get(name)
+    if value is None:
+        raise SipError(f"missing {name}")
+    return value
 
 
 class _ServerTransaction(_Transaction):

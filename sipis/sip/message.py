@@ -174,6 +174,38 @@ class Headers:
         self._fields.append((*key_and_name(name), value))
         self._changed()
 
+    def prepend(self, name: str, value: str) -> None:
+        """Add a field before all others (a proxy's Via and Record-Route go on top)."""
+        self._fields.insert(0, (*key_and_name(name), value))
+        self._changed()
+
+    def pop_first(self, name: str) -> str | None:
+        """Remove the first element of ``name`` and return it; None if there is none.
+
+        A field holding a comma-separated list keeps its other elements.
+        """
+        key = header_key(name)
+        for position, (k, written, value) in enumerate(self._fields):
+            if k != key:
+                continue
+            elements = split_list(value) if key in LIST_HEADERS else [value]
+            first, rest = elements[0], elements[1:]
+            if rest:
+                self._fields[position] = (k, written, ", ".join(rest))
+            else:
+                del self._fields[position]
+            self._changed()
+            return first
+        return None
+
+    def copy(self) -> Headers:
+        """An independent copy, for a message forwarded with changes."""
+        headers = Headers.__new__(Headers)
+        headers._fields = list(self._fields)
+        headers._index = None
+        headers._cache = {}
+        return headers
+
     def remove(self, name: str) -> None:
         key = header_key(name)
         self._fields = [f for f in self._fields if f[0] != key]

@@ -345,3 +345,29 @@ class TestStreamFramer:
         with pytest.raises(SipError) as caught:
             framer.feed(b"INVITE sip:a@b SIP/2.0\r\n" + b"X: " + b"y" * 2000)
         assert caught.value.status == 513
+
+
+def test_prepend_and_pop_first_keep_list_elements_in_order() -> None:
+    headers = Headers([("Via", "SIP/2.0/UDP b;branch=z9hG4bKb, SIP/2.0/UDP c;branch=z9hG4bKc")])
+    headers.add("Call-ID", "x")
+    headers.prepend("Via", "SIP/2.0/TLS a;branch=z9hG4bKa")
+    assert headers.values("Via") == [
+        "SIP/2.0/TLS a;branch=z9hG4bKa",
+        "SIP/2.0/UDP b;branch=z9hG4bKb",
+        "SIP/2.0/UDP c;branch=z9hG4bKc",
+    ]
+    assert headers.pop_first("Via") == "SIP/2.0/TLS a;branch=z9hG4bKa"
+    assert headers.pop_first("v") == "SIP/2.0/UDP b;branch=z9hG4bKb"
+    assert list(headers) == [("Via", "SIP/2.0/UDP c;branch=z9hG4bKc"), ("Call-ID", "x")]
+    assert headers.pop_first("Via") == "SIP/2.0/UDP c;branch=z9hG4bKc"
+    assert headers.pop_first("Via") is None and list(headers) == [("Call-ID", "x")]
+
+
+def test_a_copy_is_independent() -> None:
+    original = Headers([("Route", "<sip:a;lr>"), ("Call-ID", "x")])
+    assert original.get("Route") == "<sip:a;lr>"  # index built before copying
+    copy = original.copy()
+    copy.pop_first("Route")
+    copy.set("Call-ID", "y")
+    assert original.get("Route") == "<sip:a;lr>" and original.get("Call-ID") == "x"
+    assert copy.get("Route") is None and copy.get("Call-ID") == "y"

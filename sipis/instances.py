@@ -12,6 +12,11 @@ data key (AES-256-GCM, associated data = instance id + field name); the data
 key goes in wrapped under the master key.  Plaintext lives only in memory,
 in the registration sessions that need it to answer digest challenges.
 
+The instance secret itself is kept nowhere: the API checks it against its
+SHA-256, and the device port checks the app's digest answers (username =
+instance id, password = secret) against the H(A1) values computed from it
+when it was made (``device_digest``), encrypted like everything else.
+
 Each active (not paused) account has a binding in the ``BindingManager``,
 keyed ``<instance id>/<account id>``; the bindings follow every change:
 accounts added, changed, removed, pause and resume, erasure.
@@ -47,6 +52,7 @@ from sipis.crypto import (
     secret_matches,
 )
 from sipis.push.base import Routing
+from sipis.sip.digest_server import HA1_ALGORITHMS, digest_ha1
 from sipis.sip.registration import RegistrationConfig, RegistrationState
 from sipis.sip.uri import SipUri, parse_sip_uri
 from sipis.store import AccountRow, InstanceRow, Store
@@ -57,6 +63,8 @@ DAY = 86400.0
 # Erasures a sweep runs at once: each may wait for un-REGISTER answers.
 SWEEP_CONCURRENCY = 32
 REASONS = ("expired", "disabled", "token_invalid", "admin")
+# The realm of the device port's digest challenges, unless configured.
+DEFAULT_REALM = "sipis"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +169,14 @@ class _Live:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceDigest:
+    """What checking an app's digest answer needs: the realm and H(A1) by algorithm."""
+
+    realm: str
+    ha1: dict[str, str] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedMessage:
     """A MESSAGE held for the app until it connects."""
 
@@ -188,9 +204,11 @@ class Instances:
         *,
         bounds: LifetimeBounds = LifetimeBounds(),
         unregister_wait: float = 5.0,
+        realm: str = DEFAULT_REALM,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._realm = realm
         self._keyring = keyring
         self._audit = audit
         self._bindings = bindings
@@ -251,6 +269,7 @@ class Instances:
             expires_at=now + self.bounds.clamp(spec.lifetime),
             warned_at=None,
             accounts=tuple(_seal_account(key, instance_id, a) for a in accounts),
+            digest=_seal_digest(key, instance_id, self._realm, secret),
         )
         key.destroy()
         await self._store.insert(row)
@@ -274,7 +293,31 @@ class Instances:
         row = await self._store.get(instance_id)
         stored = row.secret_hash if row is not None else _NO_SECRET
         matches = secret_matches(secret, stored)
-        return row if row is not None and matches else None
+        if row is None or not matches:
+            return None
+        if row.digest is None:  # made before the device port checked digests
+            key = self._keyring.unwrap(row.id, row.data_key)
+            try:
+                digest = _seal_digest(key, row.id, self._realm, secret)
+            finally:
+                key.destroy()
+            await self._store.set_digest(row.id, digest)
+            row = replace(row, digest=digest)
+        return row
+
+    async def device_digest(self, instance_id: str) -> DeviceDigest | None:
+        """The digest data of a live instance; None if unknown, erased or without any."""
+        if instance_id not in self._live:
+            return None
+        row = await self._store.get(instance_id)
+        if row is None or row.digest is None:
+            return None
+        key = self._keyring.unwrap(row.id, row.data_key)
+        try:
+            data = json.loads(key.decrypt(row.id, "digest", row.digest))
+        finally:
+            key.destroy()
+        return DeviceDigest(realm=data["realm"], ha1=data["ha1"])
 
     def view(self, row: InstanceRow) -> dict[str, Any]:
         """Everything held about an instance except secrets (API.md, GET)."""
@@ -455,6 +498,11 @@ class Instances:
         finally:
             key.destroy()
         return await self._store.queue_message(row.id, account_id, received, sealed)
+
+    async def delivered(self, instance_id: str, message_id: int) -> None:
+        """The app took a queued message: erase it."""
+        await self._store.delete_message(message_id)
+        log.debug("instance %s: message %d delivered", instance_id, message_id)
 
     async def queued_messages(self, instance_id: str) -> list[QueuedMessage]:
         row = await self._store.get(instance_id)
@@ -647,6 +695,11 @@ def _binding_key(instance_id: str, account_id: str) -> str:
 def _seal_push(key: DataKey, instance_id: str, push: PushSpec) -> bytes:
     data = {"call_token": push.call_token, "other_token": push.other_token}
     return key.encrypt(instance_id, "push", json.dumps(data).encode())
+
+
+def _seal_digest(key: DataKey, instance_id: str, realm: str, secret: str) -> bytes:
+    ha1 = {name: digest_ha1(name, instance_id, realm, secret) for name in HA1_ALGORITHMS}
+    return key.encrypt(instance_id, "digest", json.dumps({"realm": realm, "ha1": ha1}).encode())
 
 
 def _seal_account(key: DataKey, instance_id: str, account: _Account) -> AccountRow:

@@ -47,6 +47,8 @@ class InstanceRow:
     expires_at: float
     warned_at: float | None
     accounts: tuple[AccountRow, ...]
+    # what checking the app's digest answer needs (realm, HA1s), encrypted
+    digest: bytes | None = None
 
 
 class Store(Protocol):
@@ -60,6 +62,9 @@ class Store(Protocol):
     async def replace(self, row: InstanceRow) -> bool:
         """Overwrite an existing instance and its accounts, except its wrapped data key;
         False if it is gone."""
+
+    async def set_digest(self, instance_id: str, digest: bytes) -> None:
+        """Store the encrypted digest data of an instance that had none."""
 
     async def get(self, instance_id: str) -> InstanceRow | None: ...
 

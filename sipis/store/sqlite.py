@@ -77,15 +77,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_instance ON messages (instance_id, id);
     """,
+    """
+    ALTER TABLE instances ADD COLUMN digest BLOB;
+    """,
 )
 
 _INSTANCE_COLUMNS = (
     "i.id, i.secret_hash, i.platform, i.app_id, i.environment, i.data_key, i.push, "
-    "i.payload_key, i.paused, i.created_at, i.expires_at, i.warned_at"
+    "i.payload_key, i.paused, i.created_at, i.expires_at, i.warned_at, i.digest"
 )
 _INSERT_INSTANCE = (
     "INSERT INTO instances (id, secret_hash, platform, app_id, environment, data_key, push, "
-    "payload_key, paused, created_at, expires_at, warned_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    "payload_key, paused, created_at, expires_at, warned_at, digest) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
@@ -194,13 +198,16 @@ class SqliteStore:
         # a change racing with one must not put back a wrapping under a retired master key.
         update = (
             "UPDATE instances SET secret_hash=?, platform=?, app_id=?, environment=?, push=?, "
-            "payload_key=?, paused=?, created_at=?, expires_at=?, warned_at=? WHERE id=?",
+            "payload_key=?, paused=?, created_at=?, expires_at=?, warned_at=?, digest=? WHERE id=?",
             (row.secret_hash, row.platform, row.app_id, row.environment, row.push,
              row.payload_key, int(row.paused), row.created_at, row.expires_at, row.warned_at,
-             row.id),
+             row.digest, row.id),
         )  # fmt: skip
         rest = [("DELETE FROM accounts WHERE instance_id=?", (row.id,)), *_account_inserts(row)]
         return await self._write([update, *rest], guard=True) == 1
+
+    async def set_digest(self, instance_id: str, digest: bytes) -> None:
+        await self._write([("UPDATE instances SET digest=? WHERE id=?", (digest, instance_id))])
 
     async def get(self, instance_id: str) -> InstanceRow | None:
         rows = await self._instances("WHERE i.id=?", (instance_id,))
@@ -370,6 +377,7 @@ class SqliteStore:
                 expires_at=r[10],
                 warned_at=r[11],
                 accounts=tuple(accounts[r[0]]),
+                digest=r[12],
             )
             for r in rows
         ]
@@ -379,6 +387,7 @@ def _instance_values(row: InstanceRow) -> tuple[object, ...]:
     return (
         row.id, row.secret_hash, row.platform, row.app_id, row.environment, row.data_key,
         row.push, row.payload_key, int(row.paused), row.created_at, row.expires_at, row.warned_at,
+        row.digest,
     )  # fmt: skip
 
 

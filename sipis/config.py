@@ -30,6 +30,26 @@ class SipSection:
 
 
 @dataclass(frozen=True)
+class DeviceSection:
+    """The device port, where woken apps register to pick up calls and messages."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - apps connect from anywhere unless configured
+    advertise: str | None = None
+    tls_port: int | None = 5061
+    tcp_port: int | None = 5062
+    udp_port: int | None = 5062
+    certificate: str | None = None
+    private_key: str | None = None
+    realm: str = "sipis"
+    keepalive: float = 30.0
+    grace: float = 10.0
+    max_failures: int = 10
+
+    def __repr__(self) -> str:
+        return f"DeviceSection(host={self.host!r}, tls_port={self.tls_port})"
+
+
+@dataclass(frozen=True)
 class DnsSection:
     nameservers: tuple[tuple[str, int], ...] = ()
     timeout: float = 2.0
@@ -118,6 +138,7 @@ class LogSection:
 @dataclass(frozen=True)
 class Config:
     sip: SipSection = field(default_factory=SipSection)
+    device: DeviceSection = field(default_factory=DeviceSection)
     dns: DnsSection = field(default_factory=DnsSection)
     api: ApiSection = field(default_factory=ApiSection)
     data: DataSection = field(default_factory=DataSection)
@@ -223,6 +244,13 @@ def _https_url(key: str, value: Any) -> str | None:
     return text
 
 
+def _realm(key: str, value: Any) -> str:
+    text = _text(key, value)
+    if not text.isascii() or not text.isprintable() or '"' in text or "\\" in text:
+        raise ConfigError(f"{key}: expected printable ASCII without quotes or backslashes")
+    return text
+
+
 def _level(key: str, value: Any) -> str:
     text = _text(key, value).lower()
     if text not in ("debug", "info", "warning", "error"):
@@ -239,6 +267,19 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "tcp_port": _optional_port,
         "advertise": _optional_text,
         "keepalive": _SECONDS,
+    },
+    "device": {
+        "host": _text,
+        "advertise": _optional_text,
+        "tls_port": _optional_port,
+        "tcp_port": _optional_port,
+        "udp_port": _optional_port,
+        "certificate": _optional_text,
+        "private_key": _optional_text,
+        "realm": _realm,
+        "keepalive": _SECONDS,
+        "grace": _number(0, 600),
+        "max_failures": _count(1, 10000),
     },
     "dns": {"nameservers": _nameservers, "timeout": _SECONDS},
     "api": {
@@ -289,6 +330,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
 }
 _SECTIONS: dict[str, type] = {
     "sip": SipSection,
+    "device": DeviceSection,
     "dns": DnsSection,
     "api": ApiSection,
     "data": DataSection,
@@ -333,6 +375,11 @@ def _check_together(config: Config) -> None:
     api = config.api
     if (api.certificate is None) != (api.private_key is None):
         raise ConfigError("api.certificate: give both api.certificate and api.private_key")
+    device = config.device
+    if (device.certificate is None) != (device.private_key is None):
+        raise ConfigError("device.certificate: give both device.certificate and device.private_key")
+    if device.tls_port is None and device.tcp_port is None and device.udp_port is None:
+        raise ConfigError("device.tls_port: apps need at least one device port")
     apns = config.apns
     if apns.key_file is not None and apns.certificate is not None:
         raise ConfigError("apns.key_file: give a signing key or a certificate, not both")

@@ -65,10 +65,11 @@ class Inbound:
         on_request: Callable[[ServerTransaction], None] | None = None,
         *,
         admit: Callable[[Request, Flow], Response | None] | None = None,
+        on_ack: Callable[[Request, Flow], None] | None = None,
         timers: Timers = DEFAULT_TIMERS,
     ) -> None:
         self.transactions = ServerTransactions(
-            on_request or self._answer, admit=admit, timers=timers
+            on_request or self._answer, admit=admit, on_ack=on_ack, timers=timers
         )
 
     def handle(self, request: Request | ParseError, flow: Flow) -> None:

@@ -4,10 +4,11 @@ Every request that is not a retransmission is first put to ``admit``: a
 request it refuses is answered statelessly, once (a scanner or a spoofed
 packet costs one datagram back and no memory).  Any other opens a
 transaction, keyed as RFC 3261 §17.2.3 says, and goes to the handler once;
-retransmissions and ACKs for non-2xx finals stay here.  Responses go out over the flow the
-request came on (to the Via's rport/received address on UDP), the
-transaction's timers (G, H, I, J, L) run on one shared scheduler, and a
-terminated transaction is forgotten.
+retransmissions and ACKs for non-2xx finals stay here, and any other ACK
+(one for a 2xx, which has no transaction) goes to ``on_ack``.  Responses go
+out over the flow the request came on (to the Via's rport/received address
+on UDP), the transaction's timers (G, H, I, J, L) run on one shared
+scheduler, and a terminated transaction is forgotten.
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ class ServerTransactions:
         on_request: Callable[[ServerTransaction], None],
         *,
         admit: Callable[[Request, Flow], Response | None] | None = None,
+        on_ack: Callable[[Request, Flow], None] | None = None,
         timers: Timers = DEFAULT_TIMERS,
     ) -> None:
         self._on_request = on_request
         self._admit = admit
+        self._on_ack = on_ack
         self._timers = timers
         self._loop = asyncio.get_running_loop()
         self._table: dict[tuple[str, ...], ServerTransaction] = {}
@@ -88,6 +91,8 @@ class ServerTransactions:
             if existing is not None and isinstance(existing.txn, ServerInviteTransaction):
                 existing.txn.receive_ack(self.now())
                 self.drive(existing)
+            elif self._on_ack is not None:
+                self._on_ack(request, flow)  # an ACK for a 2xx: end to end, no transaction
             return
         if existing is not None:
             existing.txn.receive_retransmission()

@@ -28,11 +28,13 @@ class TransportSettings:
     """Where to listen, what to advertise, how to keep flows alive and whom to trust."""
 
     host: str = "0.0.0.0"  # noqa: S104 - the SIP endpoint serves every interface by default
-    udp_port: int = 5060
+    udp_port: int | None = 5060
     tcp_port: int | None = None
     tls_port: int | None = None
     advertise: str | None = None
     keepalive: float = 30.0
+    # whether connections peers open to us are pinged too (the device port's apps)
+    ping_accepted: bool = False
     connect_timeout: float = 5.0
     ca_file: str | None = None
     server_tls: ssl.SSLContext | None = None
@@ -57,18 +59,20 @@ class TransportLayer:
 
     async def start(self) -> None:
         s = self.settings
-        self.udp = await UdpEndpoint.open(s.host, s.udp_port, self._dispatch, s.advertise)
+        if s.udp_port is not None:
+            self.udp = await UdpEndpoint.open(s.host, s.udp_port, self._dispatch, s.advertise)
         loop = asyncio.get_running_loop()
+        keepalive = s.keepalive if s.ping_accepted else None
         if s.tcp_port is not None:
             factory = stream_server_factory(
-                self._dispatch, tls=None, keepalive=None, accepted=self._accept
+                self._dispatch, tls=None, keepalive=keepalive, accepted=self._accept
             )
             self._servers.append(await loop.create_server(factory, s.host, s.tcp_port))
         if s.tls_port is not None:
             if s.server_tls is None:
                 raise ValueError("a TLS port needs a server certificate")
             factory = stream_server_factory(
-                self._dispatch, tls=s.server_tls, keepalive=None, accepted=self._accept
+                self._dispatch, tls=s.server_tls, keepalive=keepalive, accepted=self._accept
             )
             self._servers.append(await loop.create_server(factory, s.host, s.tls_port))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -19,17 +20,20 @@ from sipis.api.server import Api, ApiSettings
 from sipis.audit import AuditKeys
 from sipis.bindings import BindingManager
 from sipis.calls import Calls
+from sipis.client_transactions import ClientTransactions
 from sipis.config import Config
 from sipis.crypto import HpkeKeyring, MasterKeyring
+from sipis.devices import Devices
 from sipis.inbound import Inbound
 from sipis.instances import Instances, LifetimeBounds
 from sipis.lifecycle import Sweeper
 from sipis.metrics import Metrics
 from sipis.push.apns import ApnsCertificate, ApnsProvider, ApnsTokenKey
-from sipis.push.base import Provider
+from sipis.push.base import Provider, Routing
 from sipis.push.fcm import FcmProvider
 from sipis.push.logged import LoggingProvider
 from sipis.push.sender import PushSender
+from sipis.relay import DialogRelay
 from sipis.server_transactions import ServerTransaction
 from sipis.sip.message import Message, ParseError, Request, Response
 from sipis.sip.registration import RegistrationState
@@ -37,6 +41,7 @@ from sipis.store.sqlite import SqliteStore
 from sipis.transport.flow import Flow
 from sipis.transport.layer import TransportLayer, TransportSettings
 from sipis.transport.resolver import Resolver
+from sipis.transport.udp import uri_host
 
 log = logging.getLogger("sipis")
 
@@ -77,6 +82,11 @@ class Relay:
     metrics: Metrics
     sender: PushSender
     calls: Calls
+    clients: ClientTransactions
+    device_transport: TransportLayer
+    device_inbound: Inbound
+    devices: Devices
+    dialogs: DialogRelay
     api: web.AppRunner | None = None
     api_port: int | None = None
 
@@ -85,10 +95,15 @@ class Relay:
             await self.api.cleanup()
         await self.sweeper.stop()
         await self.calls.close()
+        await self.dialogs.close()
+        await self.devices.close()
         await self.sender.close()
         await self.instances.checkpoint()
         await self.bindings.close()
         self.inbound.close()
+        self.device_inbound.close()
+        self.clients.close()
+        await self.device_transport.close()
         await self.transport.close()
         await self.store.close()
 
@@ -101,34 +116,91 @@ async def start_relay(
     keys = open_keys(config)
     store = open_store(config)
     await store.open()
-    sip = config.sip
-    settings = TransportSettings(
-        host=sip.host,
-        udp_port=sip.udp_port,
-        tcp_port=sip.tcp_port,
-        advertise=sip.advertise,
-        keepalive=sip.keepalive,
-    )
+    sip, device = config.sip, config.device
     bindings: BindingManager | None = None
     calls: Calls | None = None
+    dialogs: DialogRelay | None = None
+    devices: Devices | None = None
+    clients = ClientTransactions()
 
+    # The provider's side: registrations, calls and messages arriving on them, dialogs.
     def dispatch(message: Message | ParseError, flow: Flow) -> None:
         assert bindings is not None
+        if isinstance(message, Response) and clients.receive(message):
+            return
         bindings.dispatch(message, flow)
-
-    def on_request(transaction: ServerTransaction) -> None:
-        assert calls is not None
-        calls.on_request(transaction)
 
     def admit(request: Request, flow: Flow) -> Response | None:
         assert calls is not None
-        return calls.admit(request, flow)
+        assert dialogs is not None
+        return None if dialogs.claims(request) else calls.admit(request, flow)
 
-    transport = TransportLayer(dispatch, settings)
+    def on_request(transaction: ServerTransaction) -> None:
+        assert calls is not None
+        assert dialogs is not None
+        if dialogs.claims(transaction.request):
+            dialogs.upstream_request(transaction)
+        else:
+            calls.on_request(transaction)
+
+    def on_ack(request: Request, flow: Flow) -> None:
+        assert dialogs is not None
+        dialogs.upstream_ack(request, flow)
+
+    transport = TransportLayer(
+        dispatch,
+        TransportSettings(
+            host=sip.host,
+            udp_port=sip.udp_port,
+            tcp_port=sip.tcp_port,
+            advertise=sip.advertise,
+            keepalive=sip.keepalive,
+        ),
+    )
     resolver = Resolver(list(config.dns.nameservers) or None, timeout=config.dns.timeout)
-    inbound = Inbound(on_request, admit=admit)
+    inbound = Inbound(on_request, admit=admit, on_ack=on_ack)
     bindings = BindingManager(transport, resolver, on_request=inbound.handle)
     await transport.start()
+
+    # The device side: apps registering, and their half of each dialog.
+    def device_dispatch(message: Message | ParseError, flow: Flow) -> None:
+        if isinstance(message, Response):
+            clients.receive(message)
+        elif isinstance(message, Request | ParseError):
+            device_inbound.handle(message, flow)
+
+    def device_admit(request: Request, flow: Flow) -> Response | None:
+        assert dialogs is not None
+        return dialogs.device_admit(request, flow)
+
+    def device_request(transaction: ServerTransaction) -> None:
+        assert dialogs is not None
+        assert devices is not None
+        if transaction.request.method == "REGISTER":
+            devices.register(transaction)
+        else:
+            dialogs.device_request(transaction)
+
+    def device_ack(request: Request, flow: Flow) -> None:
+        assert dialogs is not None
+        dialogs.device_ack(request, flow)
+
+    device_inbound = Inbound(device_request, admit=device_admit, on_ack=device_ack)
+    device_transport = TransportLayer(
+        device_dispatch,
+        TransportSettings(
+            host=device.host,
+            udp_port=device.udp_port,
+            tcp_port=device.tcp_port,
+            tls_port=device.tls_port,
+            advertise=device.advertise,
+            keepalive=device.keepalive,
+            server_tls=None if device.tls_port is None else _device_tls(config),
+            ping_accepted=True,
+        ),
+    )
+    await device_transport.start()
+
     life = config.lifecycle
     instances = Instances(
         store,
@@ -139,6 +211,7 @@ async def start_relay(
             life.min_lifetime_days * life.day, life.max_lifetime_days * life.day, life.day
         ),
         unregister_wait=life.unregister_wait,
+        realm=device.realm,
     )
     metrics = Metrics()
     sender = PushSender(
@@ -152,12 +225,40 @@ async def start_relay(
         sender,
         metrics,
         ring_timeout=config.push.ring_timeout,
-        relay_uri=config.push.relay_uri or _relay_uri(config, transport),
+        relay_uri=config.push.relay_uri or _device_uri(config, device_transport),
         max_message=config.push.max_message,
     )
     calls.transactions = inbound.transactions
+    dialogs = DialogRelay(
+        calls,
+        instances,
+        clients,
+        transport,
+        resolver,
+        upstream=inbound.transactions,
+        device_side=device_inbound.transactions,
+        device_host=device.advertise,
+        grace=device.grace,
+    )
+    devices = Devices(
+        instances,
+        realm=device.realm,
+        max_failures=device.max_failures,
+        udp=device_transport.udp,
+        on_registered=dialogs.device_registered,
+        on_gone=dialogs.device_gone,
+    )
+    dialogs.devices = devices
+    calls.handoff = dialogs
     instances.expiring_hooks.append(calls.notify_expiring)
     instances.erased_hooks.append(calls.notify_erased)
+
+    async def forget_erased(routing: Routing, reason: str) -> None:
+        assert dialogs is not None
+        dialogs.instance_erased(routing.instance_id)
+
+    instances.erased_hooks.append(forget_erased)
+    metrics.watch_relay(devices=lambda: len(devices), dialogs=lambda: len(dialogs))
     started = await instances.start(spread=life.startup_spread)
     if started:
         log.info("registering %d stored account(s) over %.0f s", started, life.startup_spread)
@@ -175,6 +276,11 @@ async def start_relay(
         metrics,
         sender,
         calls,
+        clients,
+        device_transport,
+        device_inbound,
+        devices,
+        dialogs,
     )
     if api:
         await _start_api(relay)
@@ -224,17 +330,47 @@ def _host_port(server: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _relay_uri(config: Config, transport: TransportLayer) -> str:
-    host = config.sip.advertise or config.sip.host
-    return f"sip:{host}:{transport.listening['udp']}"
+def _device_host(config: Config) -> str:
+    """The host apps are told to reach the device port at."""
+    device = config.device
+    if device.advertise:
+        return device.advertise
+    if device.host not in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard bind names no host
+        return uri_host(device.host)
+    return socket.getfqdn()
+
+
+def _device_uris(config: Config, transport: TransportLayer) -> list[str]:
+    """The device port's SIP URIs, TLS first."""
+    host = _device_host(config)
+    listening = transport.listening
+    return [
+        f"sip:{host}:{listening[name]};transport={name}"
+        for name in ("tls", "tcp", "udp")
+        if name in listening
+    ]
+
+
+def _device_uri(config: Config, transport: TransportLayer) -> str:
+    return _device_uris(config, transport)[0]
+
+
+def _device_tls(config: Config) -> ssl.SSLContext:
+    device = config.device
+    certificate, private_key = device.certificate, device.private_key
+    if certificate is None or private_key is None:
+        cert_path, key_path, _ = development_certificate(config.data_dir / "tls")
+        certificate, private_key = str(cert_path), str(key_path)
+        log.warning("no device.certificate configured: the device port uses the development "
+                    "certificate (%s)", cert_path)  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate, private_key)
+    return context
 
 
 def _info(relay: Relay) -> dict[str, Any]:
-    host = relay.config.sip.advertise or relay.config.sip.host
-    uris = [
-        f"sip:{host}:{port};transport={name}" for name, port in relay.transport.listening.items()
-    ]
-    return {"sip": uris}
+    return {"sip": _device_uris(relay.config, relay.device_transport)}
 
 
 async def _stats(relay: Relay) -> dict[str, Any]:
@@ -290,6 +426,7 @@ async def serve(config: Config) -> None:
     relay = await start_relay(config)
     ports = ", ".join(f"{name} {port}" for name, port in relay.transport.listening.items())
     log.info("SIP endpoint listening on %s (%s)", config.sip.host, ports)
+    log.info("device port: %s", ", ".join(_device_uris(config, relay.device_transport)))
     scheme = "http" if config.api.insecure_http else "https"
     log.info("API listening on %s://%s:%s", scheme, config.api.host, relay.api_port)
     stop = asyncio.Event()

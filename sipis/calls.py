@@ -35,6 +35,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sipis.bindings import Binding, BindingManager
 from sipis.inbound import answer
@@ -86,6 +87,17 @@ class HeldCall:
     timer: asyncio.TimerHandle | None = None
 
 
+class Handoff(Protocol):
+    """Who takes held calls and queued messages to the app once it is connected."""
+
+    def call_held(self, call: HeldCall) -> None: ...
+
+    def call_ended(self, call: HeldCall) -> None:
+        """The call ended upstream (CANCEL, ring timeout): whatever went to the app stops."""
+
+    def message_queued(self, instance_id: str) -> None: ...
+
+
 class Calls:
     """Turns INVITE, CANCEL and MESSAGE on bindings into held calls, queued messages and pushes."""
 
@@ -113,6 +125,7 @@ class Calls:
         self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
         self.transactions: ServerTransactions | None = None
+        self.handoff: Handoff | None = None
 
     def held(self, instance_id: str) -> list[HeldCall]:
         """The calls ringing for an instance, oldest first."""
@@ -194,6 +207,8 @@ class Calls:
         self._held[identity] = call
         call.timer = self._loop.call_at(call.ends_at, self._ring_out, call)
         self._in_call(call, self._push_call(call))
+        if self.handoff is not None:
+            self.handoff.call_held(call)
 
     async def _push_call(self, call: HeldCall) -> None:
         routing = self._instances.routing(call.instance_id)
@@ -234,10 +249,8 @@ class Calls:
     def _cancel(self, transaction: ServerTransaction) -> None:
         request = transaction.request
         invite = self.transactions.invite_cancelled_by(request) if self.transactions else None
-        call = None
-        if invite is not None:
-            call = next((c for c in self._held.values() if c.transaction is invite), None)
-        if call is None or not call.ringing:
+        call = self._held.get((request.call_id, request.from_.tag or ""))
+        if call is None or invite is None or call.transaction is not invite or not call.ringing:
             self._refuse(transaction, 481)
             return
         transaction.respond(make_response(request, 200))
@@ -246,14 +259,27 @@ class Calls:
         self._notify(call, Kind.ANSWERED_ELSEWHERE if elsewhere else Kind.CALL_CANCELLED)
 
     def _end(self, call: HeldCall, status: int, outcome: str) -> None:
-        call.ringing = False
-        if call.timer is not None:
-            call.timer.cancel()
-        for task in call.tasks:
-            task.cancel()
+        """End a ringing call from here: the final answer upstream, the app's leg cancelled."""
         call.transaction.respond(
             make_response(call.transaction.request, status, to_tag=call.to_tag)
         )
+        self._over(call, outcome)
+        if self.handoff is not None:
+            self.handoff.call_ended(call)
+
+    def answered(self, call: HeldCall) -> None:
+        """The app answered the call (its 2xx went upstream through the relay)."""
+        self._over(call, "answered")
+
+    def finish(self, call: HeldCall, response: Response, outcome: str) -> None:
+        """End a ringing call with the app's own final answer."""
+        call.transaction.respond(response)
+        self._over(call, outcome)
+
+    def _over(self, call: HeldCall, outcome: str) -> None:
+        call.ringing = False
+        if call.timer is not None:
+            call.timer.cancel()
         self._held.pop(call.identity, None)
         self._ended[call.identity] = self._loop.time() + REMEMBER_ENDED
         self._metrics.calls.labels(outcome).inc()
@@ -311,6 +337,8 @@ class Calls:
             self._refuse(transaction, 500 if isinstance(exc, StoreError) else 404)
             return
         transaction.respond(make_response(request, 200))
+        if self.handoff is not None:
+            self.handoff.message_queued(instance_id)
         if content_type.lower() == RECEIPT or _carries_receipt(request):
             self._metrics.messages.labels("receipt").inc()
             return

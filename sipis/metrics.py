@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -40,3 +42,16 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+
+    def watch_relay(self, *, devices: Callable[[], int], dialogs: Callable[[], int]) -> None:
+        """Gauges read when scraped: apps registered on the device port, dialogs relayed."""
+        Gauge(
+            "sipis_devices_registered",
+            "Apps registered on the device port",
+            registry=self.registry,
+        ).set_function(devices)
+        Gauge(
+            "sipis_dialogs",
+            "Calls answered by an app and relayed",
+            registry=self.registry,
+        ).set_function(dialogs)

@@ -94,6 +94,7 @@ def relay_config(tmp_path: Path, **sections: dict[str, Any]) -> tuple[Config, Pa
     """
     tables: dict[str, dict[str, Any]] = {
         "sip": {"host": "127.0.0.1", "udp_port": 0, "tcp_port": False},
+        "device": {"host": "127.0.0.1", "tls_port": 0, "tcp_port": 0, "udp_port": 0},
         "api": {"host": "127.0.0.1", "port": 0},
         "data": {"dir": str(tmp_path / "data")},
         "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 0.5},

@@ -243,6 +243,7 @@ async def start_relay(
     devices = Devices(
         instances,
         realm=device.realm,
+        algorithms=device.digest_algorithms,
         max_failures=device.max_failures,
         udp=device_transport.udp,
         on_registered=dialogs.device_registered,

@@ -41,6 +41,10 @@ class DeviceSection:
     certificate: str | None = None
     private_key: str | None = None
     realm: str = "sipis"
+    # Digest algorithms offered to apps, in order.  MD5 alone by default: some
+    # phones fail a 401 that offers an algorithm they lack, and the secret's 256
+    # random bits leave nothing for a stronger hash to protect.
+    digest_algorithms: tuple[str, ...] = ("MD5",)
     keepalive: float = 30.0
     grace: float = 10.0
     max_failures: int = 10
@@ -251,6 +255,19 @@ def _realm(key: str, value: Any) -> str:
     return text
 
 
+def _digest_algorithms(key: str, value: Any) -> tuple[str, ...]:
+    known = {"md5": "MD5", "sha-256": "SHA-256"}
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f'{key}: expected a list of "MD5" and/or "SHA-256"')
+    names = []
+    for item in value:
+        name = known.get(item.lower()) if isinstance(item, str) else None
+        if name is None or name in names:
+            raise ConfigError(f'{key}: expected "MD5" and/or "SHA-256" once each, got {item!r}')
+        names.append(name)
+    return tuple(names)
+
+
 def _level(key: str, value: Any) -> str:
     text = _text(key, value).lower()
     if text not in ("debug", "info", "warning", "error"):
@@ -277,6 +294,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "certificate": _optional_text,
         "private_key": _optional_text,
         "realm": _realm,
+        "digest_algorithms": _digest_algorithms,
         "keepalive": _SECONDS,
         "grace": _number(0, 600),
         "max_failures": _count(1, 10000),

@@ -105,6 +105,7 @@ class Devices:
         instances: Instances,
         *,
         realm: str,
+        algorithms: tuple[str, ...],
         max_failures: int,
         udp: UdpEndpoint | None,
         on_registered: Callable[[str], None],
@@ -118,7 +119,7 @@ class Devices:
         self._on_gone = on_gone
         self._clock = clock
         self._loop = asyncio.get_running_loop()
-        self._digest = DigestServer(secrets.token_bytes(32))
+        self._digest = DigestServer(secrets.token_bytes(32), algorithms=algorithms)
         self._budget = FailureBudget(max_failures)
         self._devices: dict[str, Device] = {}
         self._by_flow: dict[Flow, set[str]] = {}

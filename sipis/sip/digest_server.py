@@ -72,15 +72,13 @@ from .uri import SipUri, parse_uri
 
 __all__ = ["HA1_ALGORITHMS", "DigestServer", "Verdict", "digest_ha1"]
 
-# What sipis stores an HA1 for and offers, in the order offered.  MD5 comes
-# first: every phone implements it, and many older stacks answer only the first
-# challenge of a 401 and give up if that one is not MD5.  SHA-256 follows for
-# the stacks that prefer it.  The order costs nothing in strength: the password
+# What sipis stores an HA1 for, and by default offers, in this order.  MD5
+# comes first: every phone implements it, and older stacks answer only the
+# first challenge of a 401.  The order costs nothing in strength: the password
 # is a random 43-character token (about 256 bits), so no hash here protects a
 # weak password from offline guessing.  SHA-512-256 is left out: few SIP stacks
-# answer it, and each offered algorithm costs a stored HA1 and a header in every
-# 401; ``DigestServer(algorithms=...)`` still accepts it for a deployment that
-# wants it.
+# answer it, and each algorithm costs a stored HA1 and a header in every 401;
+# ``DigestServer(algorithms=...)`` still accepts it for a deployment that wants it.
 HA1_ALGORITHMS: tuple[str, ...] = ("MD5", "SHA-256")
 
 # Domain separation: this key signs nonces and nothing else with this label.

@@ -4,11 +4,14 @@ device port, and the whole dialog runs through sipis."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
 
+from tests.peers.baresip import Baresip
 from tests.peers.conftest import World
 from tests.peers.sipp import SippResult, SippTransport, run_sipp_client, scenario_path
+from tests.peers.tls_tunnel import TlsTunnel
 
 pytestmark = pytest.mark.peer
 
@@ -21,11 +24,12 @@ async def run_app(
     answer: str,
     *,
     transport: SippTransport = "udp",
+    port: int | None = None,
     registered_for: float = 2.0,
 ) -> SippResult:
-    """sipp as the app: REGISTER on the device port, take the call with ``answer``."""
+    """sipp as the app: REGISTER on the device port (or ``port``), take the call with ``answer``."""
     instance_id, secret = instance
-    port = world.running.relay.device_transport.listening[transport]
+    port = port or world.running.relay.device_transport.listening[transport]
     arguments = [
         "-au", instance_id,
         "-ap", secret,
@@ -74,3 +78,62 @@ async def test_the_caller_hangs_up_an_answered_call(world: World, transport: Sip
     assert called.stats.successful_calls == 1
     assert app.returncode == 0, app.errors
     assert [m.method for m in app.received()] == ["INVITE", "ACK", "BYE"]
+
+
+async def test_the_app_answers_over_tls(world: World) -> None:
+    relay = world.running.relay
+    context = ssl.create_default_context(
+        cafile=str(relay.config.data_dir / "tls" / "dev-certificate.pem")
+    )
+    target = ("127.0.0.1", relay.device_transport.listening["tls"])
+    instance = await world.instance("ios")
+    caller = asyncio.create_task(world.call("uac_call_answered.xml"))
+    await world.apns.pushes.wait_for(1)
+    async with TlsTunnel(target, context) as tunnel:
+        app = asyncio.create_task(
+            run_app(world, instance, "app_answer.xml", transport="tcp", port=tunnel.port)
+        )
+        for _ in range(100):
+            device = relay.devices.get(instance[0])
+            if device is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert device is not None and device.flow.transport == "tls"
+        done = await app
+    called = await caller
+    assert called.returncode == 0, called.errors
+    assert done.returncode == 0, done.errors
+    assert [m.method for m in done.received()] == ["INVITE", "ACK"]
+    assert len(called.received("BYE")) == 1
+
+
+@pytest.mark.parametrize("hangs_up", ["caller", "app"])
+async def test_a_real_softphone_picks_up_over_tls(world: World, hangs_up: str) -> None:
+    relay = world.running.relay
+    instance_id, secret = await world.instance("ios")
+    scenario = "uac_call_answered_hang_up.xml" if hangs_up == "caller" else "uac_call_answered.xml"
+    caller = asyncio.create_task(world.call(scenario))
+    await world.apns.pushes.wait_for(1)
+    phone = Baresip(
+        world.tmp_path / "baresip",
+        aor=f"sip:{instance_id}@127.0.0.1",
+        registrar=f"sip:127.0.0.1:{relay.device_transport.listening['tls']};transport=tls",
+        username=instance_id,
+        password=secret,
+        transport="tls",
+        ca_file=relay.config.data_dir / "tls" / "dev-certificate.pem",
+    )
+    async with phone:
+        await phone.wait_registered()
+        device = relay.devices.get(instance_id)
+        assert device is not None and device.flow.transport == "tls"
+        incoming = await phone.wait_event("CALL_INCOMING")
+        assert incoming.peer_uri == "sip:bob@example.test"
+        await phone.wait_event("CALL_ESTABLISHED")
+        if hangs_up == "app":
+            await phone.hangup()
+        called = await caller
+        await phone.wait_event("CALL_CLOSED")
+    assert called.returncode == 0, called.errors
+    assert called.stats.successful_calls == 1
+    assert len(relay.dialogs) == 0

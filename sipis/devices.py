@@ -36,6 +36,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sipis.crypto import CryptoError
 from sipis.instances import Instances
 from sipis.server_transactions import ServerTransaction
 from sipis.sip.digest import Credentials, parse_credentials
@@ -164,10 +165,15 @@ class Devices:
         if self._budget.exhausted(source, now):
             transaction.respond(make_response(request, 403, "Too Many Failures"))
             return
-        instance_id = request.to.sip_uri.user or ""
+        try:
+            instance_id = request.to.sip_uri.user or ""
+        except SipError as exc:  # a To that is no SIP URI names no instance
+            transaction.respond(make_response(request, exc.status))
+            return
         try:
             stored = await self._instances.device_digest(instance_id)
-        except StoreError:
+        except (StoreError, CryptoError) as exc:
+            log.warning("instance %s: digest data unreadable (%s)", instance_id, type(exc).__name__)
             transaction.respond(make_response(request, 500))
             return
         realm = stored.realm if stored is not None else self._realm
@@ -200,7 +206,11 @@ class Devices:
 
     def _registered(self, transaction: ServerTransaction, instance_id: str) -> None:
         request = transaction.request
-        contacts = request.contacts
+        try:
+            contacts = request.contacts
+        except SipError as exc:
+            transaction.respond(make_response(request, exc.status))
+            return
         wildcard = request.headers.get("Contact") == "*"
         expires = _requested_expires(request, contacts)
         if wildcard or expires == 0:

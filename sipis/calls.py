@@ -253,7 +253,8 @@ class Calls:
         if call is None or invite is None or call.transaction is not invite or not call.ringing:
             self._refuse(transaction, 481)
             return
-        transaction.respond(make_response(request, 200))
+        # RFC 3261 §9.2: the To tag of the 200 to the CANCEL is the 487's
+        transaction.respond(make_response(request, 200, to_tag=call.to_tag))
         elsewhere = _answered_elsewhere(request)
         self._end(call, 487, "answered_elsewhere" if elsewhere else "cancelled")
         self._notify(call, Kind.ANSWERED_ELSEWHERE if elsewhere else Kind.CALL_CANCELLED)

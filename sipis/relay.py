@@ -11,7 +11,7 @@ pass untouched, so media goes straight between caller and app.
 
 A forwarded INVITE (a "leg")::
 
-    forwarded --1xx--> relayed upstream (not 100)
+    forwarded --1xx--> relayed upstream (not 100); one with the app's tag opens an early dialog
         |--2xx--> relayed upstream; the call is answered and a dialog kept
         |--3xx-6xx--> relayed upstream (the client transaction ACKs it)
         |--the call ends upstream (CANCEL, ring timeout)--> CANCEL to the app once
@@ -19,13 +19,17 @@ A forwarded INVITE (a "leg")::
         +--no answer in time, or the device goes away--> the call is held again
            (a new registration within the ring timeout forwards it anew)
 
-A dialog is keyed by Call-ID, the caller's tag and the app's tag.  Every
-request in it (BYE, re-INVITE, UPDATE, INFO, PRACK, CANCEL of a re-INVITE,
-ACK) is relayed from either side to the other: the relay's Route entries
-come off, its Via goes on, answers come back the same way; an ACK for a 2xx
-travels alone.  Towards the app a request goes over the instance's current
-device flow; towards the caller to the next Route entry, or the caller's
-Contact, over the provider side.
+A dialog is keyed by Call-ID, the caller's tag and the app's tag.  It is
+early from the app's first provisional response with that tag (so PRACK
+and UPDATE reach the app while it rings) and confirmed by its 2xx; an early
+dialog ends with its leg, whichever way that ends.  Every request in it
+(BYE, re-INVITE, UPDATE, INFO, PRACK, CANCEL of a re-INVITE, ACK) is
+relayed from either side to the other: the relay's Route entries come off,
+its Via goes on, answers come back the same way; an ACK for a 2xx travels
+alone; a CANCEL waits for the re-INVITE's first provisional response.
+Towards the app a request goes over the instance's current device flow;
+towards the caller to the next Route entry, or the caller's Contact, over
+the provider side.
 
 When the device goes away (un-REGISTER, flow lost, expiry), each of its
 dialogs has ``grace`` seconds for the app to register again; otherwise the
@@ -65,7 +69,7 @@ from sipis.sip.proxy import (
     own_routes_removed,
     route_uri,
 )
-from sipis.sip.transaction import TimedOut, cancel_for, new_branch
+from sipis.sip.transaction import State, TimedOut, cancel_for, new_branch
 from sipis.sip.uas import make_response, new_tag
 from sipis.sip.uri import SipUri, Uri
 from sipis.store import StoreError
@@ -94,6 +98,7 @@ class Leg:
     cancel_sent: bool = False
     done: bool = False
     late_tags: set[str] = field(default_factory=set)
+    early: list[Dialog] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -143,12 +148,15 @@ class DialogRelay:
         self._dialogs: dict[DialogKey, Dialog] = {}
         self._by_instance: dict[str, set[Dialog]] = {}
         self._reinvites: dict[ServerTransaction, ClientTransaction] = {}
+        # re-INVITEs cancelled before any provisional response: CANCEL follows the first
+        self._cancel_due: set[ServerTransaction] = set()
         self._own: set[tuple[str, int | None]] = set()
         self._sending: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
-        return len(self._dialogs)
+        """The answered calls being relayed (early dialogs do not count)."""
+        return sum(len(dialogs) for dialogs in self._by_instance.values())
 
     # -- the provider's side ----------------------------------------------------------
 
@@ -236,7 +244,7 @@ class DialogRelay:
         self._later(self._toward_caller(transaction, request, dialog))
 
     def device_ack(self, request: Request, flow: Flow) -> None:
-        """A 2xx ACK from the app, for a re-INVITE the caller sent."""
+        """A 2xx ACK from the app, for a re-INVITE it sent."""
         dialog = self._dialogs.get((request.call_id, request.to.tag or "", request.from_.tag or ""))
         devices = self.devices
         if dialog is None or devices is None or not devices.on_flow(dialog.instance_id, flow):
@@ -291,8 +299,13 @@ class DialogRelay:
         method = out.method
 
         def answered(response: Response) -> None:
+            if response.status < 200 and transaction in self._cancel_due:
+                self._cancel_due.discard(transaction)
+                pending = self._reinvites[transaction]
+                self._clients.send(cancel_for(pending.request), pending.flow, _ignore)
             if response.status >= 200:
                 self._reinvites.pop(transaction, None)
+                self._cancel_due.discard(transaction)
                 if toward_caller and method in ("INVITE", "UPDATE") and response.status < 300:
                     _refresh_target(dialog, response.contacts)
                 if method == "BYE":
@@ -302,6 +315,7 @@ class DialogRelay:
 
         def failed(failure: TimedOut) -> None:
             self._reinvites.pop(transaction, None)
+            self._cancel_due.discard(transaction)
             transaction.respond(make_response(transaction.request, 408))
             if method == "BYE":
                 self._forget(dialog)
@@ -313,11 +327,14 @@ class DialogRelay:
     def _cancel_reinvite(self, cancel: ServerTransaction, side: ServerTransactions) -> None:
         invite = side.invite_cancelled_by(cancel.request)
         client = None if invite is None else self._reinvites.get(invite)
-        if client is None or client.terminated:
+        if invite is None or client is None or client.terminated:
             cancel.respond(make_response(cancel.request, 481))
             return
         cancel.respond(make_response(cancel.request, 200))
-        self._clients.send(cancel_for(client.request), client.flow, _ignore)
+        if client.txn.state is State.CALLING:
+            self._cancel_due.add(invite)  # RFC 3261 §9.1: not before a provisional response
+        else:
+            self._clients.send(cancel_for(client.request), client.flow, _ignore)
 
     # -- held calls (``calls.Handoff``) -----------------------------------------------------
 
@@ -327,9 +344,10 @@ class DialogRelay:
             self._forward(call, device)
 
     def call_ended(self, call: HeldCall) -> None:
-        leg = self._legs.pop(call, None)
+        leg = self._legs.get(call)
         if leg is None or leg.done:
             return
+        self._leg_over(leg)
         leg.cancelling = True
         if leg.provisional:
             self._send_cancel(leg)
@@ -374,22 +392,24 @@ class DialogRelay:
             if leg.cancelling:
                 self._send_cancel(leg)
             elif status > 100 and call.ringing and not leg.done:
+                if response.to.tag and (*call.identity, response.to.tag) not in self._dialogs:
+                    dialog = self._new_dialog(leg, response)
+                    if dialog is not None:
+                        leg.early.append(dialog)
                 call.transaction.respond(forwarded_response(response))
             return
         if status >= 300:
             if not leg.done:
-                leg.done = True
-                self._legs.pop(call, None)
+                self._leg_over(leg)
                 if call.ringing and not leg.cancelling:
                     outcome = "declined" if status in _DECLINED else "failed"
                     self._calls.finish(call, forwarded_response(response), outcome)
             return
-        tag = response.to.tag or ""
-        if (*call.identity, tag) in self._dialogs:
+        dialog = self._dialogs.get((*call.identity, response.to.tag or ""))
+        if dialog is not None and dialog not in leg.early:
             call.transaction.respond(forwarded_response(response))  # a 2xx retransmission
         elif call.ringing and not leg.cancelling and not leg.done:
-            leg.done = True
-            self._legs.pop(call, None)
+            self._leg_over(leg)
             self._calls.answered(call)
             call.transaction.respond(forwarded_response(response))
             self._keep_dialog(leg, response)
@@ -399,11 +419,18 @@ class DialogRelay:
     def _leg_failed(self, leg: Leg, failure: TimedOut) -> None:
         if leg.done:
             return
+        self._leg_over(leg)
+        log.info("instance %s: the app did not take the call (%s)", leg.call.instance_id,
+                 failure.reason)  # fmt: skip
+
+    def _leg_over(self, leg: Leg) -> None:
+        """The leg will not be answered for its call any more: forget it and its early dialogs."""
         leg.done = True
         if self._legs.get(leg.call) is leg:
             del self._legs[leg.call]
-        log.info("instance %s: the app did not take the call (%s)", leg.call.instance_id,
-                 failure.reason)  # fmt: skip
+        for dialog in leg.early:
+            self._forget(dialog)
+        leg.early.clear()
 
     def _send_cancel(self, leg: Leg) -> None:
         if not leg.cancel_sent:
@@ -436,11 +463,17 @@ class DialogRelay:
             self._clients.send(request("BYE", number + 1), leg.flow, _ignore)
 
     def _keep_dialog(self, leg: Leg, response: Response) -> None:
+        dialog = self._new_dialog(leg, response)
+        if dialog is not None:
+            self._by_instance.setdefault(dialog.instance_id, set()).add(dialog)
+
+    def _new_dialog(self, leg: Leg, response: Response) -> Dialog | None:
+        """The dialog a response from the app makes with the caller, now relayed."""
         call = leg.call
         invite = call.transaction.request
         contacts = invite.contacts
         if not contacts:
-            return
+            return None
         dialog = Dialog(
             key=(*call.identity, response.to.tag or ""),
             instance_id=call.instance_id,
@@ -452,8 +485,8 @@ class DialogRelay:
             app_cseq=0,
         )
         self._dialogs[dialog.key] = dialog
-        self._by_instance.setdefault(dialog.instance_id, set()).add(dialog)
         self._touch(dialog)
+        return dialog
 
     # -- the app's device comes and goes ----------------------------------------------------
 
@@ -469,15 +502,15 @@ class DialogRelay:
             leg = self._legs.get(call)
             if leg is None or leg.flow is not device.flow:
                 if leg is not None:
-                    leg.done = True
+                    self._leg_over(leg)
                 self._forward(call, device)
         self._later(self._deliver(instance_id, device))
 
     def device_gone(self, instance_id: str) -> None:
         for call in self._calls.held(instance_id):
-            leg = self._legs.pop(call, None)
+            leg = self._legs.get(call)
             if leg is not None:
-                leg.done = True
+                self._leg_over(leg)
         for dialog in self._by_instance.get(instance_id, ()):
             if dialog.grace is None:
                 dialog.grace = self._loop.call_later(self._grace, self._grace_over, dialog)

@@ -7,6 +7,13 @@ transaction goes to it, and what the transaction lets through goes to the
 sender's ``on_response``.  A transaction that times out or cannot send
 tells ``on_failure`` once.  Timers (A, B, D, E, F, K, M) run on one shared
 scheduler; a terminated transaction is forgotten.
+
+Cancelling an INVITE (RFC 3261 §9.1) is done here too: ``cancel`` sends the
+CANCEL once the INVITE has had a provisional response (not before), and if
+no final response follows within 64*T1 the INVITE is given up
+(``on_failure``).  An INVITE sent with ``timer_c`` (RFC 3261 §16.8: a
+proxy's bound on how long a callee may ring, restarted by every
+provisional response) is cancelled when it runs out.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from sipis.sip.transaction import (
     DEFAULT_TIMERS,
     ClientInviteTransaction,
     ClientNonInviteTransaction,
+    State,
     TimedOut,
     Timers,
+    cancel_for,
     client_key,
 )
 from sipis.transport.flow import Flow, FlowClosed
@@ -36,7 +45,18 @@ OnFailure = Callable[[TimedOut], None]
 class ClientTransaction:
     """One request being sent: retransmitted until answered, its answers handed on."""
 
-    __slots__ = ("_on_failure", "_on_response", "_table", "due", "flow", "txn")
+    __slots__ = (
+        "_on_failure",
+        "_on_response",
+        "_table",
+        "cancel_sent",
+        "cancelling",
+        "due",
+        "flow",
+        "timer",
+        "timer_c",
+        "txn",
+    )
 
     def __init__(
         self,
@@ -52,6 +72,11 @@ class ClientTransaction:
         self.due: float | None = None
         self._on_response = on_response
         self._on_failure = on_failure
+        self.cancelling = False
+        self.cancel_sent = False
+        self.timer_c: float | None = None
+        # Timer C while the INVITE may ring; after its CANCEL, the wait for a final answer
+        self.timer: asyncio.TimerHandle | None = None
 
     @property
     def request(self) -> Request:
@@ -80,6 +105,8 @@ class ClientTransactions:
         flow: Flow,
         on_response: OnResponse,
         on_failure: OnFailure | None = None,
+        *,
+        timer_c: float | None = None,
     ) -> ClientTransaction:
         """Start a transaction for ``request`` (not an ACK: those are sent as they are)."""
         now = self._loop.time()
@@ -92,8 +119,43 @@ class ClientTransactions:
             )
         entry = ClientTransaction(self, txn, flow, on_response, on_failure)
         self._table[txn.key] = entry
+        if timer_c is not None:
+            entry.timer_c = timer_c
+            entry.timer = self._loop.call_later(timer_c, self._timer_c_fired, entry)
         self._drive(entry)
         return entry
+
+    def cancel(self, entry: ClientTransaction) -> None:
+        """Cancel a pending INVITE: now if it had a provisional response, else at its first."""
+        if not isinstance(entry.txn, ClientInviteTransaction) or entry.cancelling:
+            return
+        if entry.txn.state not in (State.CALLING, State.PROCEEDING):
+            return
+        entry.cancelling = True
+        if entry.txn.state is State.PROCEEDING:
+            self._send_cancel(entry)
+
+    def _send_cancel(self, entry: ClientTransaction) -> None:
+        entry.cancel_sent = True
+        self.send(cancel_for(entry.request), entry.flow, _ignore)
+        if entry.timer is not None:
+            entry.timer.cancel()
+        entry.timer = self._loop.call_later(64 * self._timers.t1, self._give_up, entry)
+
+    def _timer_c_fired(self, entry: ClientTransaction) -> None:
+        entry.timer = None
+        if entry.txn.state is State.PROCEEDING:
+            self.cancel(entry)
+
+    def _give_up(self, entry: ClientTransaction) -> None:
+        """No final answer since the CANCEL: the INVITE is over (RFC 3261 §9.1)."""
+        entry.timer = None
+        if entry.txn.terminated:
+            return
+        self._scheduler.schedule(entry, None)
+        if self._table.get(entry.txn.key) is entry:
+            del self._table[entry.txn.key]
+        self._failed(entry, TimedOut("no answer to the CANCEL"))
 
     def receive(self, response: Response) -> bool:
         """Hand ``response`` to its transaction; False if none is waiting for it."""
@@ -105,9 +167,22 @@ class ClientTransactions:
             return False
         passed = entry.txn.receive(response, self._loop.time())
         self._drive(entry)
+        if response.status < 200 and isinstance(entry.txn, ClientInviteTransaction):
+            self._provisional(entry)
+        elif response.status >= 200 and entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
         if passed is not None:
             entry._on_response(passed)
         return True
+
+    def _provisional(self, entry: ClientTransaction) -> None:
+        if entry.cancelling:
+            if not entry.cancel_sent and entry.txn.state is State.PROCEEDING:
+                self._send_cancel(entry)
+        elif entry.timer is not None and entry.timer_c is not None:  # Timer C starts again
+            entry.timer.cancel()
+            entry.timer = self._loop.call_later(entry.timer_c, self._timer_c_fired, entry)
 
     def _drive(self, entry: ClientTransaction) -> None:
         failure: TimedOut | None = None
@@ -137,5 +212,12 @@ class ClientTransactions:
             entry._on_failure(failure)
 
     def close(self) -> None:
+        for entry in self._table.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
         self._scheduler.close()
         self._table.clear()
+
+
+def _ignore(_: object) -> None:
+    return None

@@ -17,7 +17,8 @@ A forwarded INVITE (a "leg")::
         |--the call ends upstream (CANCEL, ring timeout)--> CANCEL to the app once
         |      a 1xx allows it; a 2xx that still comes is ACKed and BYEd
         +--no answer in time, or the device goes away--> the call is held again
-           (a new registration within the ring timeout forwards it anew)
+           (cancelled towards the old flow; a new registration within the ring
+           timeout forwards it anew)
 
 A dialog is keyed by Call-ID, the caller's tag and the app's tag.  It is
 early from the app's first provisional response with that tag (so PRACK
@@ -26,10 +27,11 @@ dialog ends with its leg, whichever way that ends.  Every request in it
 (BYE, re-INVITE, UPDATE, INFO, PRACK, CANCEL of a re-INVITE, ACK) is
 relayed from either side to the other: the relay's Route entries come off,
 its Via goes on, answers come back the same way; an ACK for a 2xx travels
-alone; a CANCEL waits for the re-INVITE's first provisional response.
-Towards the app a request goes over the instance's current device flow;
-towards the caller to the next Route entry, or the caller's Contact, over
-the provider side.
+alone.  Towards the app a request goes over the instance's current device
+flow; towards the caller to the next Route entry, or the caller's Contact,
+over the provider side.  CANCELs go out through ``ClientTransactions.cancel``
+(after the INVITE's first provisional response), and a relayed re-INVITE
+left without a final answer for ``TIMER_C`` seconds is cancelled.
 
 When the device goes away (un-REGISTER, flow lost, expiry), each of its
 dialogs has ``grace`` seconds for the app to register again; otherwise the
@@ -69,7 +71,7 @@ from sipis.sip.proxy import (
     own_routes_removed,
     route_uri,
 )
-from sipis.sip.transaction import State, TimedOut, cancel_for, new_branch
+from sipis.sip.transaction import TimedOut, new_branch
 from sipis.sip.uas import make_response, new_tag
 from sipis.sip.uri import SipUri, Uri
 from sipis.store import StoreError
@@ -80,6 +82,8 @@ from sipis.transport.resolver import ResolveError, Resolver
 log = logging.getLogger(__name__)
 
 ACCOUNT_HEADER = "Sipis-Account"
+# RFC 3261 §16.8: how long a relayed re-INVITE may go without a final answer
+TIMER_C = 180.0
 IDLE_DIALOG = 24 * 3600.0
 _DECLINED = frozenset({486, 600, 603})
 
@@ -93,9 +97,8 @@ class Leg:
     call: HeldCall
     flow: Flow
     invite: Request
-    provisional: bool = False
     cancelling: bool = False
-    cancel_sent: bool = False
+    client: ClientTransaction | None = None
     done: bool = False
     late_tags: set[str] = field(default_factory=set)
     early: list[Dialog] = field(default_factory=list)
@@ -148,8 +151,6 @@ class DialogRelay:
         self._dialogs: dict[DialogKey, Dialog] = {}
         self._by_instance: dict[str, set[Dialog]] = {}
         self._reinvites: dict[ServerTransaction, ClientTransaction] = {}
-        # re-INVITEs cancelled before any provisional response: CANCEL follows the first
-        self._cancel_due: set[ServerTransaction] = set()
         self._own: set[tuple[str, int | None]] = set()
         self._sending: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -299,13 +300,8 @@ class DialogRelay:
         method = out.method
 
         def answered(response: Response) -> None:
-            if response.status < 200 and transaction in self._cancel_due:
-                self._cancel_due.discard(transaction)
-                pending = self._reinvites[transaction]
-                self._clients.send(cancel_for(pending.request), pending.flow, _ignore)
             if response.status >= 200:
                 self._reinvites.pop(transaction, None)
-                self._cancel_due.discard(transaction)
                 if toward_caller and method in ("INVITE", "UPDATE") and response.status < 300:
                     _refresh_target(dialog, response.contacts)
                 if method == "BYE":
@@ -315,14 +311,15 @@ class DialogRelay:
 
         def failed(failure: TimedOut) -> None:
             self._reinvites.pop(transaction, None)
-            self._cancel_due.discard(transaction)
             transaction.respond(make_response(transaction.request, 408))
             if method == "BYE":
                 self._forget(dialog)
 
-        client = self._clients.send(out, flow, answered, failed)
         if method == "INVITE":
+            client = self._clients.send(out, flow, answered, failed, timer_c=TIMER_C)
             self._reinvites[transaction] = client
+        else:
+            self._clients.send(out, flow, answered, failed)
 
     def _cancel_reinvite(self, cancel: ServerTransaction, side: ServerTransactions) -> None:
         invite = side.invite_cancelled_by(cancel.request)
@@ -331,10 +328,7 @@ class DialogRelay:
             cancel.respond(make_response(cancel.request, 481))
             return
         cancel.respond(make_response(cancel.request, 200))
-        if client.txn.state is State.CALLING:
-            self._cancel_due.add(invite)  # RFC 3261 §9.1: not before a provisional response
-        else:
-            self._clients.send(cancel_for(client.request), client.flow, _ignore)
+        self._clients.cancel(client)
 
     # -- held calls (``calls.Handoff``) -----------------------------------------------------
 
@@ -348,9 +342,7 @@ class DialogRelay:
         if leg is None or leg.done:
             return
         self._leg_over(leg)
-        leg.cancelling = True
-        if leg.provisional:
-            self._send_cancel(leg)
+        self._cancel(leg)
 
     def message_queued(self, instance_id: str) -> None:
         device = self._device(instance_id)
@@ -378,7 +370,7 @@ class DialogRelay:
         leg = Leg(call, device.flow, invite)
         self._legs[call] = leg
         log.info("instance %s: call forwarded to the app", call.instance_id)
-        self._clients.send(
+        leg.client = self._clients.send(
             invite,
             device.flow,
             lambda response: self._leg_answered(leg, response),
@@ -388,10 +380,7 @@ class DialogRelay:
     def _leg_answered(self, leg: Leg, response: Response) -> None:
         call, status = leg.call, response.status
         if status < 200:
-            leg.provisional = True
-            if leg.cancelling:
-                self._send_cancel(leg)
-            elif status > 100 and call.ringing and not leg.done:
+            if status > 100 and not leg.cancelling and call.ringing and not leg.done:
                 if response.to.tag and (*call.identity, response.to.tag) not in self._dialogs:
                     dialog = self._new_dialog(leg, response)
                     if dialog is not None:
@@ -432,10 +421,10 @@ class DialogRelay:
             self._forget(dialog)
         leg.early.clear()
 
-    def _send_cancel(self, leg: Leg) -> None:
-        if not leg.cancel_sent:
-            leg.cancel_sent = True
-            self._clients.send(cancel_for(leg.invite), leg.flow, _ignore)
+    def _cancel(self, leg: Leg) -> None:
+        leg.cancelling = True
+        if leg.client is not None:
+            self._clients.cancel(leg.client)
 
     def _hang_up_late(self, leg: Leg, response: Response) -> None:
         """ACK (every copy of) a 2xx for a call that ended meanwhile, and BYE it once."""
@@ -503,6 +492,7 @@ class DialogRelay:
             if leg is None or leg.flow is not device.flow:
                 if leg is not None:
                     self._leg_over(leg)
+                    self._cancel(leg)
                 self._forward(call, device)
         self._later(self._deliver(instance_id, device))
 
@@ -511,6 +501,7 @@ class DialogRelay:
             leg = self._legs.get(call)
             if leg is not None:
                 self._leg_over(leg)
+                self._cancel(leg)  # the app may still be there, over a flow it no longer registers
         for dialog in self._by_instance.get(instance_id, ()):
             if dialog.grace is None:
                 dialog.grace = self._loop.call_later(self._grace, self._grace_over, dialog)

@@ -1,9 +1,9 @@
 """Requests that reach the relay's SIP endpoint.
 
 The provider's servers send OPTIONS pings along registration flows; they are
-answered 200.  Calls and messages cannot reach anybody yet: INVITE and
-MESSAGE get 480 Temporarily Unavailable.  Requests outside a dialog that
-sipis does not hold get 481, malformed ones the status their error names.
+answered 200.  What nobody else takes gets a stateless answer here: INVITE
+and MESSAGE 480 Temporarily Unavailable, any request within a dialog sipis
+does not hold 481, malformed ones the status their error names.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def answer(request: Request | ParseError) -> Response | None:
         return make_response(partial, request.status, headers=extra)
     if request.method == "ACK":
         return None
+    if request.to.tag is not None:
+        return make_response(request, 481)  # RFC 3261 §12.2.2: no such dialog here
     rejection = preflight(request, POLICY)
     if rejection is not None:
         return rejection

@@ -45,6 +45,15 @@ def test_calls_and_messages_are_unavailable_for_now(method: str, status: int) ->
     assert result[0] == status
 
 
+@pytest.mark.parametrize("method", ["BYE", "UPDATE", "INFO", "PRACK", "INVITE", "FROB"])
+def test_any_request_in_a_dialog_nobody_holds_gets_481(method: str) -> None:
+    data = request(method).replace(
+        b"To: <sip:alice@example.com>", b"To: <sip:alice@example.com>;tag=gone"
+    )
+    result = answer_to(data)
+    assert result is not None and result[0] == 481
+
+
 def test_ack_is_never_answered() -> None:
     assert answer_to(request("ACK")) is None
 

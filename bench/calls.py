@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bindings import group_cpu_seconds
-from sipis.app import Relay, start_relay
+from sipis.app import Relay, start_relay, tune_garbage_collection
 from sipis.calls import Calls, HeldCall
 from sipis.instances import AccountSpec, InstanceSpec, PushSpec
 from sipis.push.apns import _ApnsProtocol
@@ -211,6 +211,7 @@ async def bench(args: argparse.Namespace) -> None:
                     },
                     log={"level": "warning"},
                 )
+                tune_garbage_collection()
                 relay = await start_relay(config, api=False)
                 try:
                     await measure(relay, kamailio, directory, args)

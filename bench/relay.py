@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bindings import group_cpu_seconds
 from bench.calls import PASSWORD, wait_registered
-from sipis.app import Relay, start_relay
+from sipis.app import Relay, start_relay, tune_garbage_collection
 from sipis.instances import AccountSpec, InstanceSpec, PushSpec
 from sipis.sip.registration import RegistrationState
 from tests.peers.kamailio import Kamailio
@@ -645,6 +645,7 @@ async def bench(args: argparse.Namespace) -> None:
                     },
                     log={"level": "warning"},
                 )
+                tune_garbage_collection()
                 relay = await start_relay(config, api=False)
                 try:
                     await throughput(relay, kamailio, directory, args)

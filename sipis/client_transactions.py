@@ -38,6 +38,9 @@ from sipis.transport.flow import Flow, FlowClosed
 
 log = logging.getLogger(__name__)
 
+# States after a final answer: the request is only matched against from here on.
+_ANSWERED = frozenset({State.COMPLETED, State.ACCEPTED, State.TERMINATED})
+
 OnResponse = Callable[[Response], None]
 OnFailure = Callable[[TimedOut], None]
 
@@ -63,7 +66,7 @@ class ClientTransaction:
         table: ClientTransactions,
         txn: ClientInviteTransaction | ClientNonInviteTransaction,
         flow: Flow,
-        on_response: OnResponse,
+        on_response: OnResponse | None,
         on_failure: OnFailure | None,
     ) -> None:
         self._table = table
@@ -152,10 +155,9 @@ class ClientTransactions:
         entry.timer = None
         if entry.txn.terminated:
             return
-        self._scheduler.schedule(entry, None)
-        if self._table.get(entry.txn.key) is entry:
-            del self._table[entry.txn.key]
+        self._remove(entry)
         self._failed(entry, TimedOut("no answer to the CANCEL"))
+        self._release(entry)
 
     def receive(self, response: Response) -> bool:
         """Hand ``response`` to its transaction; False if none is waiting for it."""
@@ -166,14 +168,14 @@ class ClientTransactions:
         if entry is None:
             return False
         passed = entry.txn.receive(response, self._loop.time())
-        self._drive(entry)
         if response.status < 200 and isinstance(entry.txn, ClientInviteTransaction):
             self._provisional(entry)
         elif response.status >= 200 and entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None
-        if passed is not None:
+        if passed is not None and entry._on_response is not None:
             entry._on_response(passed)
+        self._drive(entry)
         return True
 
     def _provisional(self, entry: ClientTransaction) -> None:
@@ -184,27 +186,35 @@ class ClientTransactions:
             entry.timer.cancel()
             entry.timer = self._loop.call_later(entry.timer_c, self._timer_c_fired, entry)
 
-    def _drive(self, entry: ClientTransaction) -> None:
-        failure: TimedOut | None = None
+    def _drive(self, entry: ClientTransaction, failure: TimedOut | None = None) -> None:
         try:
             for data in entry.txn.outgoing():
                 entry.flow.send(data)
         except FlowClosed:
-            failure = entry.txn.transport_failed()
+            failure = failure or entry.txn.transport_failed()
+        if entry.txn.state in _ANSWERED:
+            entry.request.forget_parsed()  # kept only to match what still comes
         if entry.txn.terminated:
-            self._scheduler.schedule(entry, None)
-            if self._table.get(entry.txn.key) is entry:
-                del self._table[entry.txn.key]
+            self._remove(entry)
         else:
             self._scheduler.schedule(entry, entry.txn.deadline)
         if failure is not None:
             self._failed(entry, failure)
+        if entry.txn.terminated:
+            self._release(entry)
 
     def _fire(self, entry: ClientTransaction) -> None:
-        failure = entry.txn.on_timer(self._loop.time())
-        self._drive(entry)
-        if failure is not None:
-            self._failed(entry, failure)
+        self._drive(entry, entry.txn.on_timer(self._loop.time()))
+
+    def _remove(self, entry: ClientTransaction) -> None:
+        self._scheduler.schedule(entry, None)
+        if self._table.get(entry.txn.key) is entry:
+            del self._table[entry.txn.key]
+
+    @staticmethod
+    def _release(entry: ClientTransaction) -> None:
+        """Nothing more can reach the sender: let go of its state (no cycle keeps it alive)."""
+        entry._on_response = entry._on_failure = None
 
     def _failed(self, entry: ClientTransaction, failure: TimedOut) -> None:
         log.debug("%s to %r failed: %s", entry.request.method, entry.flow, failure.reason)

@@ -23,12 +23,16 @@ from sipis.sip.transaction import (
     DEFAULT_TIMERS,
     ServerInviteTransaction,
     ServerNonInviteTransaction,
+    State,
     Timers,
     server_key,
 )
 from sipis.transport.flow import Flow, FlowClosed
 
 log = logging.getLogger(__name__)
+
+# States in which the handler may still read the request and respond.
+_OPEN = frozenset({State.TRYING, State.PROCEEDING})
 
 
 class ServerTransaction:
@@ -123,12 +127,16 @@ class ServerTransactions:
         )
 
     def drive(self, entry: ServerTransaction) -> None:
-        via = entry.request.via
-        for data in entry.txn.outgoing():
-            try:
-                entry.flow.reply(data, via)
-            except FlowClosed:
-                log.debug("response not sent: %r is closed", entry.flow)
+        outgoing = entry.txn.outgoing()
+        if outgoing:
+            via = entry.request.via
+            for data in outgoing:
+                try:
+                    entry.flow.reply(data, via)
+                except FlowClosed:
+                    log.debug("response not sent: %r is closed", entry.flow)
+            if entry.txn.state not in _OPEN:
+                entry.request.forget_parsed()  # kept only to absorb retransmissions now
         if entry.txn.terminated:
             self._scheduler.schedule(entry, None)
             if self._table.get(entry.key) is entry:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 from sipis.client_transactions import ClientTransactions
 from sipis.sip.message import Request, Response, parse_message
@@ -128,4 +130,31 @@ async def test_a_final_answer_stops_timer_c() -> None:
     clients.receive(answer(entry.request, 200))
     await asyncio.sleep(0.2)
     assert flow.methods() == ["INVITE"]
+    clients.close()
+
+
+async def test_a_finished_transaction_lets_go_of_its_sender() -> None:
+    """What a callback refers to is freed by reference counting once the transaction ends."""
+
+    class Sender:
+        def __init__(self) -> None:
+            self.client: object = None
+
+        def answered(self, response: Response) -> None:
+            return None
+
+    clients = ClientTransactions(timers=TIMERS)
+    flow = RecordingFlow()
+    sender = Sender()
+    sender.client = clients.send(invite(), flow, sender.answered)  # a cycle while it lives
+    gone = weakref.ref(sender)
+    clients.receive(answer(invite(), 486))
+    await asyncio.sleep(0.05)  # Timer D is 0 on a reliable flow
+    assert len(clients) == 0
+    gc.disable()
+    try:
+        del sender
+        assert gone() is None
+    finally:
+        gc.enable()
     clients.close()

@@ -18,6 +18,16 @@ pytestmark = pytest.mark.peer
 HOST = "127.0.0.1"
 
 
+def app_call(app: SippResult) -> list[str]:
+    """What the app sent for the call, in order (statuses and methods), retransmissions once."""
+    sent = []
+    for message in app.messages:
+        cseq = message.header("CSeq") or ""
+        if message.direction == "sent" and "REGISTER" not in cseq and message not in sent:
+            sent.append(message)
+    return [str(m.status) if m.status is not None else m.method or "" for m in sent]
+
+
 async def run_app(
     world: World,
     instance: tuple[str, str],
@@ -63,6 +73,7 @@ async def test_the_app_answers_and_hangs_up(world: World, transport: SippTranspo
     routes = invite.headers("Record-Route")
     assert len(routes) >= 3 and all(";lr" in r for r in routes)
     assert [m.method for m in app.received() if m.method != "INVITE"] == ["ACK"]
+    assert app_call(app) == ["180", "200", "BYE"] and "Aborting" not in app.errors
     byes = called.received("BYE")
     assert len(byes) == 1
 
@@ -78,6 +89,7 @@ async def test_the_caller_hangs_up_an_answered_call(world: World, transport: Sip
     assert called.stats.successful_calls == 1
     assert app.returncode == 0, app.errors
     assert [m.method for m in app.received()] == ["INVITE", "ACK", "BYE"]
+    assert app_call(app) == ["180", "200", "200"] and "Aborting" not in app.errors
 
 
 async def test_the_app_answers_over_tls(world: World) -> None:

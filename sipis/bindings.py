@@ -88,11 +88,15 @@ class BindingManager:
         resolver: Resolver,
         *,
         on_request: RequestHandler,
+        on_exchange: Callable[[int | None, float], None] | None = None,
         rng: random.Random | None = None,
         timers: Timers = DEFAULT_TIMERS,
         backoff: Backoff = Backoff(),  # noqa: B008 - immutable
     ) -> None:
         self._transport = transport
+        # told of every REGISTER transaction that ends: its final status (None: no answer)
+        # and how long it took
+        self._on_exchange = on_exchange
         self._timers = timers
         self._backoff = backoff
         self._resolver = resolver
@@ -208,6 +212,10 @@ class BindingManager:
             and not stopped.done()
         ):
             stopped.set_result(None)
+        if session.completed is not None:
+            if self._on_exchange is not None:
+                self._on_exchange(*session.completed)
+            session.completed = None
 
     def _fire(self, binding: Binding) -> None:
         binding.session.on_timer(self._loop.time())

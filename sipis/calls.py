@@ -270,7 +270,7 @@ class Calls:
 
     def answered(self, call: HeldCall) -> None:
         """The app answered the call (its 2xx went upstream through the relay)."""
-        self._over(call, "answered")
+        self._over(call, "relayed")
 
     def finish(self, call: HeldCall, response: Response, outcome: str) -> None:
         """End a ringing call with the app's own final answer."""

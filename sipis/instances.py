@@ -219,11 +219,16 @@ class Instances:
         self._locks: dict[str, asyncio.Lock] = {}
         self.expiring_hooks: list[ExpiringHook] = []
         self.erased_hooks: list[ErasedHook] = []
+        # for the operator's numbers: erasures since start, the purge log, its last checkpoint
+        self.erasures: dict[str, int] = {}
+        self.purge_entries = 0
+        self.checkpointed_at: float | None = None
 
     # -- start-up -------------------------------------------------------------------
 
     async def start(self, *, spread: float = 60.0) -> int:
         """Register every active instance's accounts, spread over ``spread`` seconds."""
+        self.purge_entries, self.checkpointed_at = await self._store.purge_status()
         rows = await self._store.all()
         count = sum(len(r.accounts) for r in rows if not r.paused)
         started = 0
@@ -318,6 +323,14 @@ class Instances:
         finally:
             key.destroy()
         return DeviceDigest(realm=data["realm"], ha1=data["ha1"])
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Live instances by (platform, "active" or "paused")."""
+        counts: dict[tuple[str, str], int] = {}
+        for live in self._live.values():
+            key = (live.routing.platform, "paused" if live.paused else "active")
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def view(self, row: InstanceRow) -> dict[str, Any]:
         """Everything held about an instance except secrets (API.md, GET)."""
@@ -436,6 +449,8 @@ class Instances:
         self._locks.pop(instance_id, None)
         if entry is not None:
             log.info("instance %s erased (%s), purge-log entry %d", instance_id, reason, entry.seq)
+            self.erasures[reason] = self.erasures.get(reason, 0) + 1
+            self.purge_entries = entry.seq
             if live is not None:
                 for hook in self.erased_hooks:
                     await self._run_hook(hook(live.routing, reason))
@@ -451,9 +466,9 @@ class Instances:
             after=max((c.seq for c in await self._store.checkpoints()), default=0)
         )
         if entries:
-            await self._store.add_checkpoint(
-                make_checkpoint(self._audit, entries[-1], self._clock())
-            )
+            checkpoint = make_checkpoint(self._audit, entries[-1], self._clock())
+            await self._store.add_checkpoint(checkpoint)
+            self.checkpointed_at = checkpoint.at
 
     # -- the lifecycle's operations ------------------------------------------------------------
 
@@ -562,23 +577,9 @@ class Instances:
                 accounts.append(
                     _Account(AccountSpec(password=password, **settings), contact_user, instance_urn)
                 )
-            push = json.loads(key.decrypt(row.id, "push", row.push))
-            payload_key = (
-                None
-                if row.payload_key is None
-                else key.decrypt(row.id, "payload_key", row.payload_key)
-            )
+            routing = _routing(key, row)
         finally:
             key.destroy()
-        routing = Routing(
-            row.id,
-            row.platform,
-            row.app_id,
-            row.environment,
-            push["call_token"],
-            push.get("other_token"),
-            payload_key,
-        )
         return _Live(paused=row.paused, routing=routing, accounts=accounts)
 
     def _merge_accounts(
@@ -695,6 +696,34 @@ def _binding_key(instance_id: str, account_id: str) -> str:
 def _seal_push(key: DataKey, instance_id: str, push: PushSpec) -> bytes:
     data = {"call_token": push.call_token, "other_token": push.other_token}
     return key.encrypt(instance_id, "push", json.dumps(data).encode())
+
+
+async def stored_routing(store: Store, keyring: MasterKeyring, instance_id: str) -> Routing | None:
+    """Where a stored instance's pushes go, read from the store (for tools beside a node)."""
+    row = await store.get(instance_id)
+    if row is None:
+        return None
+    key = keyring.unwrap(row.id, row.data_key)
+    try:
+        return _routing(key, row)
+    finally:
+        key.destroy()
+
+
+def _routing(key: DataKey, row: InstanceRow) -> Routing:
+    push = json.loads(key.decrypt(row.id, "push", row.push))
+    payload_key = (
+        None if row.payload_key is None else key.decrypt(row.id, "payload_key", row.payload_key)
+    )
+    return Routing(
+        row.id,
+        row.platform,
+        row.app_id,
+        row.environment,
+        push["call_token"],
+        push.get("other_token"),
+        payload_key,
+    )
 
 
 def _seal_digest(key: DataKey, instance_id: str, realm: str, secret: str) -> bytes:

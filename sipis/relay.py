@@ -57,6 +57,7 @@ from sipis.calls import Calls, HeldCall
 from sipis.client_transactions import ClientTransaction, ClientTransactions
 from sipis.devices import Device, Devices
 from sipis.instances import Instances, QueuedMessage
+from sipis.metrics import Metrics
 from sipis.server_transactions import ServerTransaction, ServerTransactions
 from sipis.sip.errors import SipError
 from sipis.sip.headers import NameAddr, Via, parse_name_addr
@@ -127,6 +128,7 @@ class DialogRelay:
         self,
         calls: Calls,
         instances: Instances,
+        metrics: Metrics,
         clients: ClientTransactions,
         transport: TransportLayer,
         resolver: Resolver,
@@ -138,6 +140,7 @@ class DialogRelay:
     ) -> None:
         self._calls = calls
         self._instances = instances
+        self._metrics = metrics
         self._clients = clients
         self._transport = transport
         self._resolver = resolver
@@ -596,6 +599,7 @@ class DialogRelay:
                 return
             self._sending.discard(message.id)
             if response.status < 300:
+                self._metrics.messages.labels("delivered").inc()
                 self._later(self._instances.delivered(instance_id, message.id))
 
         def failed(failure: TimedOut) -> None:

@@ -109,5 +109,17 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _object("counts"), "401": _error("unauthorized")},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "security": [{"admin": []}],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _error("unauthorized"),
+                    },
+                }
+            },
         },
     }

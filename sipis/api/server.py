@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST as METRICS_TYPE
 from pydantic import ValidationError
 
 from sipis import __version__
@@ -118,12 +119,14 @@ class Api:
         *,
         info: Callable[[], dict[str, Any]],
         stats: Callable[[], Awaitable[dict[str, Any]]],
+        metrics: Callable[[], bytes],
     ) -> None:
         self._instances = instances
         self._hpke = hpke
         self._settings = settings
         self._info = info
         self._stats = stats
+        self._metrics = metrics
         self._limiter = CreateLimiter(settings.create_rate, settings.create_burst)
         self._openapi = document()
 
@@ -133,6 +136,7 @@ class Api:
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/v1/info", self.info)
         app.router.add_get("/v1/stats", self.stats)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/instances", self.create)
         app.router.add_get("/v1/instances/{instance_id}", self.get)
         app.router.add_patch("/v1/instances/{instance_id}", self.patch)
@@ -186,10 +190,17 @@ class Api:
         )
 
     async def stats(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        return _json(200, await self._stats())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        return web.Response(body=self._metrics(), headers={"Content-Type": METRICS_TYPE})
+
+    def _require_admin(self, request: web.Request) -> None:
         token = self._settings.admin_token
         if token is None or not hmac.compare_digest(_bearer(request).encode(), token.encode()):
             raise Rejected(401, "unauthorized", "admin token required")
-        return _json(200, await self._stats())
 
     # -- instances -------------------------------------------------------------------
 

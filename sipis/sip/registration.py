@@ -145,10 +145,12 @@ class RegistrationSession:
         "_redirects",
         "_register_at",
         "_rng",
+        "_sent_at",
         "_target",
         "_timers",
         "_txn",
         "call_id",
+        "completed",
         "config",
         "failures",
         "flow_timer",
@@ -187,6 +189,10 @@ class RegistrationSession:
         self._auth_rounds = 0
         self._local: LocalAddress | None = None
         self._txn: ClientNonInviteTransaction | None = None
+        self._sent_at = 0.0
+        # the REGISTER transaction that ended last: (final status, None if unanswered;
+        # seconds it took), for whoever drives the session to read and clear
+        self.completed: tuple[int | None, float] | None = None
         self._pending_expires = 0
         self._register_at: float | None = None
         self.state = RegistrationState.STOPPED
@@ -253,6 +259,7 @@ class RegistrationSession:
             if self._txn.terminated:
                 self._txn = None
             if isinstance(outcome, TimedOut):
+                self.completed = (None, now - self._sent_at)
                 self._no_answer(now, outcome.reason)
         if self._register_at is not None and now >= self._register_at and self._txn is None:
             if self._local is None or self.needs_flow:
@@ -273,6 +280,7 @@ class RegistrationSession:
             outcome = self._txn.transport_failed()
             self._txn = None
             if outcome is not None:
+                self.completed = (None, now - self._sent_at)
                 self._no_answer(now, outcome.reason)
         elif self.state is RegistrationState.REGISTERED:
             # RFC 5626 §4.4.1: a dead flow means re-registering through a new one.
@@ -319,6 +327,7 @@ class RegistrationSession:
         if final is None or final.status < 200:
             return
         self._txn = None
+        self.completed = (final.status, now - self._sent_at)
         self.last_status = final.status
         self.reason = sys.intern(final.reason)
         status = final.status
@@ -476,6 +485,7 @@ class RegistrationSession:
         if not keep_fresh:
             self._fresh = None
         self._cseq += 1
+        self._sent_at = now
         self._pending_expires = expires
         request = self._build(local, expires)
         self._txn = ClientNonInviteTransaction(

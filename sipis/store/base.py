@@ -90,6 +90,9 @@ class Store(Protocol):
 
     async def purge_log(self, after: int = 0) -> list[PurgeEntry]: ...
 
+    async def purge_status(self) -> tuple[int, float | None]:
+        """(entries in the purge log, time of its last signed checkpoint or None)."""
+
     async def checkpoints(self) -> list[Checkpoint]: ...
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...

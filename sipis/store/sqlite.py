@@ -263,6 +263,11 @@ class SqliteStore:
         )
         return [_entry(r) for r in rows]
 
+    async def purge_status(self) -> tuple[int, float | None]:
+        [(entries,)] = await self._query("SELECT count(*) FROM purge_log", ())
+        [(last,)] = await self._query("SELECT max(at) FROM checkpoints", ())
+        return entries, last
+
     async def checkpoints(self) -> list[Checkpoint]:
         rows = await self._query(
             "SELECT seq, at, head_hash, key_id, signature FROM checkpoints ORDER BY seq", ()

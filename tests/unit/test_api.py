@@ -184,7 +184,7 @@ async def test_info_health_stats_and_openapi(running: RunningRelay) -> None:
     assert status == 401
     await api.call("POST", "/v1/instances", body=body())
     status, stats = await api.call("GET", "/v1/stats", secret="admin-token-for-tests")
-    assert status == 200 and stats["instances"] == {"ios": 1}
+    assert status == 200 and stats["instances"] == {"ios": {"active": 1}}
     status, document = await api.call("GET", "/openapi.json")
     assert status == 200 and "/v1/instances" in document["paths"]
 

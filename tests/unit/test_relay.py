@@ -632,7 +632,7 @@ async def test_a_held_call_goes_to_the_app_when_it_registers(world: World, trans
     bye_ok = await call.response(200, "BYE")
     assert len(bye_ok.vias) == 1 and bye_ok.via.port == app.port
     assert len(world.relay.dialogs) == 0
-    assert calls_ended(world, "answered") == 1
+    assert calls_ended(world, "relayed") == 1
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])

@@ -10,12 +10,14 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
+from sipis import __version__
 from sipis.api.devcert import development_certificate
 from sipis.api.server import Api, ApiSettings
 from sipis.audit import AuditKeys
@@ -28,7 +30,7 @@ from sipis.devices import Devices
 from sipis.inbound import Inbound
 from sipis.instances import Instances, LifetimeBounds
 from sipis.lifecycle import Sweeper
-from sipis.metrics import Metrics
+from sipis.metrics import Metrics, Snapshot
 from sipis.push.apns import ApnsCertificate, ApnsProvider, ApnsTokenKey
 from sipis.push.base import Provider, Routing
 from sipis.push.fcm import FcmProvider
@@ -93,8 +95,11 @@ class Relay:
     dialogs: DialogRelay
     api: web.AppRunner | None = None
     api_port: int | None = None
+    started_at: float = field(default_factory=time.time)
 
     async def close(self) -> None:
+        """Stop gracefully: take no more requests, end held calls, let in-flight pushes
+        finish, sign the purge log's head, and un-REGISTER only if configured to."""
         if self.api is not None:
             await self.api.cleanup()
         await self.sweeper.stop()
@@ -103,7 +108,10 @@ class Relay:
         await self.devices.close()
         await self.sender.close()
         await self.instances.checkpoint()
-        await self.bindings.close()
+        life = self.config.lifecycle
+        await self.bindings.close(
+            unregister=life.unregister_on_shutdown, timeout=life.unregister_wait
+        )
         self.inbound.close()
         self.device_inbound.close()
         self.clients.close()
@@ -163,7 +171,10 @@ async def start_relay(
     )
     resolver = Resolver(list(config.dns.nameservers) or None, timeout=config.dns.timeout)
     inbound = Inbound(on_request, admit=admit, on_ack=on_ack)
-    bindings = BindingManager(transport, resolver, on_request=inbound.handle)
+    metrics = Metrics()
+    bindings = BindingManager(
+        transport, resolver, on_request=inbound.handle, on_exchange=metrics.register_exchange
+    )
     await transport.start()
 
     # The device side: apps registering, and their half of each dialog.
@@ -217,7 +228,6 @@ async def start_relay(
         unregister_wait=life.unregister_wait,
         realm=device.realm,
     )
-    metrics = Metrics()
     sender = PushSender(
         providers if providers is not None else push_providers(config),
         metrics,
@@ -236,6 +246,7 @@ async def start_relay(
     dialogs = DialogRelay(
         calls,
         instances,
+        metrics,
         clients,
         transport,
         resolver,
@@ -263,7 +274,7 @@ async def start_relay(
         dialogs.instance_erased(routing.instance_id)
 
     instances.erased_hooks.append(forget_erased)
-    metrics.watch_relay(devices=lambda: len(devices), dialogs=lambda: len(dialogs))
+    metrics.watch(lambda: _snapshot(instances, bindings, devices, dialogs))
     started = await instances.start(spread=life.startup_spread)
     if started:
         log.info("registering %d stored account(s) over %.0f s", started, life.startup_spread)
@@ -379,16 +390,40 @@ def _info(relay: Relay) -> dict[str, Any]:
 
 
 async def _stats(relay: Relay) -> dict[str, Any]:
+    """The numbers an operator looks at first (``GET /v1/stats``, ``sipis status``)."""
     counts = await relay.store.counts()
-    states: dict[str, int] = {}
-    now = asyncio.get_running_loop().time()
-    for binding in relay.bindings:
-        state = binding.session.status(now).state
-        name = "paused" if state is RegistrationState.STOPPED else state.value
-        states[name] = states.get(name, 0) + 1
-    instances = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("instances.")}
-    purges = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("purges.")}
-    return {"instances": instances, "bindings": states, "purges": purges, "at": time.time()}
+    snapshot = _snapshot(relay.instances, relay.bindings, relay.devices, relay.dialogs)
+    instances: dict[str, dict[str, int]] = {}
+    for (platform, state), count in snapshot.instances.items():
+        instances.setdefault(platform, {})[state] = count
+    pushes: dict[str, dict[str, int]] = {}
+    for (provider, outcome), value in relay.metrics.totals(
+        "sipis_pushes", "provider", "outcome"
+    ).items():
+        pushes.setdefault(provider, {})[outcome] = int(value)
+    return {
+        "version": __version__,
+        "uptime": round(time.time() - relay.started_at, 1),
+        "instances": instances,
+        "bindings": snapshot.bindings,
+        "devices": snapshot.devices,
+        "dialogs": snapshot.dialogs,
+        "pushes": pushes,
+        "calls": _by_label(relay.metrics, "sipis_calls"),
+        "messages": _by_label(relay.metrics, "sipis_messages"),
+        "purges": {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("purges.")},
+        "purge_log": {
+            "entries": snapshot.purge_log_entries,
+            "checkpoint_age": None
+            if snapshot.checkpoint_age is None
+            else round(snapshot.checkpoint_age, 1),
+        },
+        "at": time.time(),
+    }
+
+
+def _by_label(metrics: Metrics, name: str) -> dict[str, int]:
+    return {key[0]: int(value) for key, value in metrics.totals(name, "outcome").items()}
 
 
 async def _start_api(relay: Relay) -> None:
@@ -399,6 +434,7 @@ async def _start_api(relay: Relay) -> None:
         ApiSettings(config.admin_token, config.max_body, config.create_rate, config.create_burst),
         info=lambda: _info(relay),
         stats=lambda: _stats(relay),
+        metrics=lambda: generate_latest(relay.metrics.registry),
     )
     runner = web.AppRunner(api.application(), access_log=None)
     await runner.setup()
@@ -422,6 +458,27 @@ async def _start_api(relay: Relay) -> None:
     await site.start()
     relay.api = runner
     relay.api_port = runner.addresses[0][1]
+
+
+def _snapshot(
+    instances: Instances, bindings: BindingManager, devices: Devices, dialogs: DialogRelay
+) -> Snapshot:
+    now = asyncio.get_running_loop().time()
+    states: dict[str, int] = {}
+    for binding in bindings:
+        state = binding.session.status(now).state
+        name = "paused" if state is RegistrationState.STOPPED else state.value
+        states[name] = states.get(name, 0) + 1
+    checkpointed = instances.checkpointed_at
+    return Snapshot(
+        instances=instances.counts(),
+        bindings=states,
+        devices=len(devices),
+        dialogs=len(dialogs),
+        erasures=dict(instances.erasures),
+        purge_log_entries=instances.purge_entries,
+        checkpoint_age=None if checkpointed is None else max(0.0, time.time() - checkpointed),
+    )
 
 
 def tune_garbage_collection() -> None:
@@ -455,8 +512,25 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    progress = asyncio.ensure_future(_registration_progress(relay))
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        progress.cancel()
         await relay.close()
+        log.info("stopped")
+
+
+async def _registration_progress(relay: Relay, every: float = 10.0) -> None:
+    """Log how the start-up registrations advance until none is left registering."""
+    while True:
+        await asyncio.sleep(every)
+        states = _snapshot(relay.instances, relay.bindings, relay.devices, relay.dialogs).bindings
+        registering = states.get("registering", 0)
+        registered, failed = states.get("registered", 0), states.get("failed", 0)
+        total = sum(states.values())
+        log.info("bindings: %d of %d registered, %d registering, %d failed",
+                 registered, total, registering, failed)  # fmt: skip
+        if not registering:
+            return

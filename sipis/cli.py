@@ -1,4 +1,4 @@
-"""The ``sipis`` command: serve, keys, audit, version."""
+"""The ``sipis`` command: serve, check-config, status, push test, keys, audit, version."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ import time
 from pathlib import Path
 
 from sipis import __version__
-from sipis.app import open_keys, open_store, serve
+from sipis.app import open_keys, open_store, push_providers, serve
 from sipis.audit import AuditKeys, export_lines, verify
 from sipis.config import Config, ConfigError, load_config
 from sipis.crypto import MasterKeyring
+from sipis.instances import stored_routing
+from sipis.progress import Progress
+from sipis.push.base import Delivered, Kind
+from sipis.push.compose import compose
+from sipis.status import StatusError, fetch, render
 from sipis.store import StoreError
 
 # How long a rotation waits before retiring old master keys, so that a running
@@ -30,6 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", parents=[common], help="run the relay")
+    commands.add_parser(
+        "check-config", parents=[common], help="check every key of a configuration, then exit"
+    )
+    status = commands.add_parser(
+        "status", parents=[common], help="a running node's numbers at a glance"
+    )
+    status.add_argument("--url", help="the node's stats URL (default: from the configuration)")
+    status.add_argument("--json", action="store_true", help="the numbers as JSON")
+    push = commands.add_parser("push", help="push notifications").add_subparsers(
+        dest="action", required=True
+    )
+    test_push = push.add_parser(
+        "test", parents=[common], help="send a test push to an instance's app"
+    )
+    test_push.add_argument("instance_id", help="the instance whose app gets the push")
     commands.add_parser("version", help="print the version")
     keys = commands.add_parser("keys", help="key management").add_subparsers(
         dest="action", required=True
@@ -61,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sipis: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check-config":
+        return check_config(config, args.config)
+    if args.command == "status":
+        return show_status(config, args)
     configure_logging(config.log.level)
     try:
         if args.command == "serve":
@@ -68,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "keys":
             return asyncio.run(rotate_keys(config))
+        if args.command == "push":
+            return asyncio.run(push_test(config, args.instance_id))
         return asyncio.run(AUDIT[args.action](config, args))
     except StoreError as exc:
         print(f"sipis: {exc}", file=sys.stderr)
@@ -90,6 +116,52 @@ def configure_logging(level: str) -> None:
     logging.getLogger("sipis").setLevel(level.upper())
 
 
+def check_config(config: Config, path: Path | None) -> int:
+    """Every key was checked while loading; say so, with the warnings."""
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"configuration OK: {path or 'embedded defaults'}")
+    return 0
+
+
+def show_status(config: Config, args: argparse.Namespace) -> int:
+    try:
+        stats = fetch(config, args.url)
+    except StatusError as exc:
+        print(f"sipis: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(stats, indent=2) + "\n" if args.json else render(stats))
+    return 0
+
+
+async def push_test(config: Config, instance_id: str) -> int:
+    """Send a test push to the app of an instance, through the configured providers."""
+    keys = open_keys(config)
+    store = open_store(config)
+    await store.open()
+    try:
+        routing = await stored_routing(store, keys.master, instance_id)
+    finally:
+        await store.close()
+    if routing is None:
+        print(f"sipis: no instance {instance_id}", file=sys.stderr)
+        return 1
+    push = compose(Kind.TEST, routing)
+    if push is None:
+        print("sipis: the instance has no token for a test push (an iOS app needs other_token: "
+              "VoIP pushes are for calls only)", file=sys.stderr)  # fmt: skip
+        return 1
+    providers = push_providers(config)
+    provider = providers[routing.platform]
+    try:
+        outcome = await provider.send(push)
+    finally:
+        for each in providers.values():
+            await each.close()
+    print(f"{provider.name}: {outcome}")
+    return 0 if isinstance(outcome, Delivered) else 1
+
+
 async def rotate_keys(config: Config) -> int:
     """A new master key with every data key re-wrapped under it; new HPKE keys."""
     keys = open_keys(config)
@@ -102,15 +174,14 @@ async def rotate_keys(config: Config) -> int:
         for attempt in range(2):
             pending = [(i, w) for i, w in await store.wrapped_keys()
                        if MasterKeyring.key_id_of(w) != new_id]  # fmt: skip
-            for done, (instance_id, wrapped) in enumerate(pending, start=1):
+            progress = Progress("data keys re-wrapped", len(pending))
+            for instance_id, wrapped in progress.over(pending):
                 data_key = master.unwrap(instance_id, wrapped)
                 try:
                     if await store.rewrap(instance_id, wrapped, master.wrap(instance_id, data_key)):
                         moved += 1
                 finally:
                     data_key.destroy()
-                if done % 1000 == 0:
-                    print(f"re-wrapped {done} of {len(pending)}", file=sys.stderr)
             if attempt == 0:
                 await asyncio.sleep(SETTLE)
         in_use = {MasterKeyring.key_id_of(w) for _, w in await store.wrapped_keys()}
@@ -134,9 +205,12 @@ async def audit_verify(config: Config, args: argparse.Namespace) -> int:
     store = open_store(config)
     await store.open()
     try:
-        report = verify(await store.purge_log(), await store.checkpoints(), public_key)
+        entries = await store.purge_log()
+        checkpoints = await store.checkpoints()
     finally:
         await store.close()
+    progress = Progress("entries verified", len(entries))
+    report = verify(progress.over(entries), checkpoints, public_key)
     for finding in report.findings:
         print(finding)
     verdict = "intact" if report.ok else "NOT intact"

@@ -88,6 +88,9 @@ class LifecycleSection:
     sweep_interval: float = 15.0
     unregister_wait: float = 5.0
     startup_spread: float = 60.0
+    # on shutdown, un-REGISTER every binding (else they stay registered until they expire,
+    # so calls still reach a node that comes back in time)
+    unregister_on_shutdown: bool = False
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "sweep_interval": _SECONDS,
         "unregister_wait": _SECONDS,
         "startup_spread": _number(-1, DAY),
+        "unregister_on_shutdown": _flag,
     },
     "keys": {"hpke_grace_days": _number(0, 365)},
     "push": {

@@ -84,7 +84,7 @@ DEFAULT_TIMEOUT = 5.0
 PAYLOAD_KEY = "sipis"
 TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
 
-_ALERT_KINDS = frozenset({Kind.MESSAGE, Kind.CALL_MISSED, Kind.ERASED})
+_ALERT_KINDS = frozenset({Kind.MESSAGE, Kind.CALL_MISSED, Kind.ERASED, Kind.TEST})
 _WITH_SOUND = frozenset({Kind.MESSAGE, Kind.CALL_MISSED})
 
 

@@ -27,6 +27,7 @@ class Kind(enum.Enum):
     MESSAGE = "message"
     EXPIRING = "expiring"
     ERASED = "erased"
+    TEST = "test"  # ``sipis push test``: an operator checking that pushes reach the app
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,14 @@ from sipis.testing.fcm import LocalFcm
 from tests.conftest import PEER_USERS
 from tests.peers.api import APNS_TOKEN, OTHER_TOKEN, PAYLOAD_KEY_B64, RunningRelay, relay_with_api
 from tests.peers.kamailio import Kamailio
-from tests.peers.sipp import SippResult, run_sipp_client
+from tests.peers.sipp import SippResult, SippTransport, run_sipp_client, scenario_path
+from tests.secrets import remember
 
 RING = 2.0
 FCM_TOKEN = "fcm-token-" + "x" * 40
+ADMIN_TOKEN = "operator-admin-token-" + "y" * 20
+remember(ADMIN_TOKEN)
+_runs = itertools.count()
 
 
 @dataclass
@@ -56,6 +61,40 @@ class World:
         assert status == 201, created
         await self.kamailio.wait_for_contacts(user, bool)
         return created["id"], created["secret"]
+
+    async def app(
+        self,
+        instance: tuple[str, str],
+        answer: str,
+        *,
+        transport: SippTransport = "udp",
+        port: int | None = None,
+        registered_for: float = 2.0,
+    ) -> SippResult:
+        """sipp as the app: REGISTER on the device port (or ``port``) with the instance's id
+        and secret, take the call with the out-of-call scenario ``answer``, un-REGISTER."""
+        instance_id, secret = instance
+        port = port or self.running.relay.device_transport.listening[transport]
+        workdir = self.tmp_path / f"app-{answer}-{transport}-{next(_runs)}"
+        workdir.mkdir(parents=True)
+        credentials = workdir / "credentials.csv"
+        credentials.write_text(
+            "SEQUENTIAL\n"
+            f'{instance_id};[authentication username="{instance_id}" password="{secret}"];\n'
+        )
+        arguments = [
+            "-inf", str(credentials),
+            "-oocsf", str(scenario_path(answer)),
+            "-d", str(round(registered_for * 1000)),
+        ]  # fmt: skip
+        return await run_sipp_client(
+            "app_register.xml",
+            ("127.0.0.1", port),
+            transport=transport,
+            arguments=arguments,
+            timeout=registered_for + 8,
+            workdir=workdir,
+        )
 
     async def call(self, scenario: str, user: str = "alice", **keys: str) -> SippResult:
         """Run a sipp caller scenario towards ``user`` through Kamailio."""
@@ -100,5 +139,6 @@ async def world(kamailio: Kamailio, tmp_path: Path, peer_ca: trustme.CA) -> Asyn
                 "ca_file": str(ca_file),
             },
             lifecycle={"unregister_wait": 1.0},
+            api={"admin_token": ADMIN_TOKEN},
         ) as running:
             yield World(kamailio, apns, fcm, running, tmp_path)

@@ -10,12 +10,10 @@ import pytest
 
 from tests.peers.baresip import Baresip
 from tests.peers.conftest import World
-from tests.peers.sipp import SippResult, SippTransport, run_sipp_client, scenario_path
+from tests.peers.sipp import SippResult, SippTransport
 from tests.peers.tls_tunnel import TlsTunnel
 
 pytestmark = pytest.mark.peer
-
-HOST = "127.0.0.1"
 
 
 def app_call(app: SippResult) -> list[str]:
@@ -28,41 +26,12 @@ def app_call(app: SippResult) -> list[str]:
     return [str(m.status) if m.status is not None else m.method or "" for m in sent]
 
 
-async def run_app(
-    world: World,
-    instance: tuple[str, str],
-    answer: str,
-    *,
-    transport: SippTransport = "udp",
-    port: int | None = None,
-    registered_for: float = 2.0,
-) -> SippResult:
-    """sipp as the app: REGISTER on the device port (or ``port``), take the call with ``answer``."""
-    instance_id, secret = instance
-    port = port or world.running.relay.device_transport.listening[transport]
-    arguments = [
-        "-au", instance_id,
-        "-ap", secret,
-        "-oocsf", str(scenario_path(answer)),
-        "-d", str(round(registered_for * 1000)),
-    ]  # fmt: skip
-    return await run_sipp_client(
-        "app_register.xml",
-        (HOST, port),
-        transport=transport,
-        service=instance_id,
-        arguments=arguments,
-        timeout=registered_for + 8,
-        workdir=world.tmp_path / f"app-{answer}-{transport}",
-    )
-
-
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_the_app_answers_and_hangs_up(world: World, transport: SippTransport) -> None:
     instance = await world.instance("ios")
     caller = asyncio.create_task(world.call("uac_call_answered.xml"))
     await world.apns.pushes.wait_for(1)
-    app = await run_app(world, instance, "app_answer.xml", transport=transport)
+    app = await world.app(instance, "app_answer.xml", transport=transport)
     called = await caller
     assert called.returncode == 0, called.errors
     assert called.stats.successful_calls == 1
@@ -83,7 +52,7 @@ async def test_the_caller_hangs_up_an_answered_call(world: World, transport: Sip
     instance = await world.instance("ios")
     caller = asyncio.create_task(world.call("uac_call_answered_hang_up.xml"))
     await world.apns.pushes.wait_for(1)
-    app = await run_app(world, instance, "app_answer_caller_hangs_up.xml", transport=transport)
+    app = await world.app(instance, "app_answer_caller_hangs_up.xml", transport=transport)
     called = await caller
     assert called.returncode == 0, called.errors
     assert called.stats.successful_calls == 1
@@ -103,7 +72,7 @@ async def test_the_app_answers_over_tls(world: World) -> None:
     await world.apns.pushes.wait_for(1)
     async with TlsTunnel(target, context) as tunnel:
         app = asyncio.create_task(
-            run_app(world, instance, "app_answer.xml", transport="tcp", port=tunnel.port)
+            world.app(instance, "app_answer.xml", transport="tcp", port=tunnel.port)
         )
         for _ in range(100):
             device = relay.devices.get(instance[0])

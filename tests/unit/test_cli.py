@@ -34,6 +34,7 @@ async def test_serve_answers_options_and_stops_on_sigterm(tmp_path: Path) -> Non
     path = tmp_path / "sipis.toml"
     path.write_text(
         '[sip]\nhost = "127.0.0.1"\nudp_port = 0\ntcp_port = false\n'
+        '[device]\nhost = "127.0.0.1"\ntls_port = 0\ntcp_port = 0\nudp_port = 0\n'
         f'[api]\nhost = "127.0.0.1"\nport = 0\n[data]\ndir = "{tmp_path / "data"}"\n'
     )
     process = await asyncio.create_subprocess_exec(

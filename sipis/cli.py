@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
-from sipis import __version__
+from sipis import __version__, logs
 from sipis.app import open_keys, open_store, push_providers, serve
 from sipis.audit import AuditKeys, export_lines, verify
 from sipis.config import Config, ConfigError, load_config
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(config, args.config)
     if args.command == "status":
         return show_status(config, args)
-    configure_logging(config.log.level)
+    logs.configure(config.log.level, config.log.format, config.log.debug_instance)
     try:
         if args.command == "serve":
             asyncio.run(serve(config))
@@ -101,19 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"sipis: cannot start: {exc}", file=sys.stderr)
         return 1
-
-
-def configure_logging(level: str) -> None:
-    """sipis logs at ``level``; other libraries only warnings and errors.
-
-    Their debug output is not for operators, and some of it is dangerous:
-    aiosqlite logs every statement with its parameters, ciphertexts and
-    wrapped keys included.
-    """
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("sipis").setLevel(level.upper())
 
 
 def check_config(config: Config, path: Path | None) -> int:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sipis.logs import FORMATS, INSTANCE_ID
+
 DAY = 86400
 
 
@@ -140,6 +142,8 @@ class FcmSection:
 @dataclass(frozen=True)
 class LogSection:
     level: str = "info"
+    format: str = "text"
+    debug_instance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,22 @@ def _digest_algorithms(key: str, value: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _log_format(key: str, value: Any) -> str:
+    text = _text(key, value).lower()
+    if text not in FORMATS:
+        raise ConfigError(f"{key}: expected text, json or keyvalue, got {value!r}")
+    return text
+
+
+def _instance_id(key: str, value: Any) -> str | None:
+    if value == "":
+        return None
+    text = _text(key, value)
+    if not INSTANCE_ID.fullmatch(text):
+        raise ConfigError(f"{key}: expected an instance id (26 lowercase base32 characters)")
+    return text
+
+
 def _level(key: str, value: Any) -> str:
     text = _text(key, value).lower()
     if text not in ("debug", "info", "warning", "error"):
@@ -348,7 +368,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "timeout": _SECONDS,
         "call_ttl": _SECONDS,
     },
-    "log": {"level": _level},
+    "log": {"level": _level, "format": _log_format, "debug_instance": _instance_id},
 }
 _SECTIONS: dict[str, type] = {
     "sip": SipSection,

@@ -12,6 +12,7 @@ transaction, and recorded in ``schema_version``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -23,7 +24,7 @@ import aiosqlite
 
 from sipis.audit import Checkpoint, PurgeEntry, new_entry
 
-from .base import AccountRow, InstanceRow, StoreError
+from .base import AccountRow, Fence, InstanceRow, StoreError
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -103,6 +104,8 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        # one connection runs one transaction at a time: concurrent writers take turns
+        self._writing = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -154,18 +157,19 @@ class SqliteStore:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; sqlite errors become
         StoreError.  The body may roll back itself and raise ``_RolledBack``."""
         db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+        async with self._writing:
             try:
-                yield db
-                await db.execute("COMMIT")
-            except _RolledBack:
-                pass
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"database write failed: {exc}") from None
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    await db.execute("COMMIT")
+                except _RolledBack:
+                    pass
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"database write failed: {exc}") from None
 
     async def _write(
         self, statements: list[tuple[str, tuple[object, ...]]], *, guard: bool = False
@@ -225,7 +229,8 @@ class SqliteStore:
     async def expiring(self, before: float) -> list[InstanceRow]:
         return await self._instances("WHERE i.expires_at < ? AND i.warned_at IS NULL", (before,))
 
-    async def mark_warned(self, instance_id: str, at: float) -> None:
+    async def mark_warned(self, instance_id: str, at: float, *, fence: Fence | None = None) -> None:
+        """``fence`` is ignored: one SQLite node owns every shard."""
         await self._write([("UPDATE instances SET warned_at=? WHERE id=?", (at, instance_id))])
 
     async def erase(
@@ -302,8 +307,15 @@ class SqliteStore:
         return changed == 1
 
     async def queue_message(
-        self, instance_id: str, account_id: str, received_at: float, content: bytes
+        self,
+        instance_id: str,
+        account_id: str,
+        received_at: float,
+        content: bytes,
+        *,
+        fence: Fence | None = None,
     ) -> int:
+        """``fence`` is ignored: one SQLite node owns every shard."""
         async with self._transaction() as db:
             cursor = await db.execute(
                 "INSERT INTO messages (instance_id, account_id, received_at, content) "

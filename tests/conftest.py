@@ -16,6 +16,7 @@ os.environ.setdefault("PYTHONASYNCIODEBUG", "1")
 
 from tests.peers.kamailio import Kamailio
 from tests.peers.sipp import SippServer
+from tests.postgres import pg_url, postgres_server  # noqa: F401  (fixtures)
 from tests.secrets import RECORDER, SECRETS, remember
 
 PEER_USERS = {"alice": "wonderland", "bob": "builder"}

@@ -15,6 +15,12 @@ dead server fails over to the next one.  Stream flows are shared between
 bindings (``TransportLayer`` pools them); when one dies, every binding on it
 re-registers through a new one.  Responses find their binding by Call-ID;
 requests go to ``on_request``.
+
+A node of a cluster may send REGISTERs only while it holds the leases of
+its shards.  While ``may_send`` says no (a node that was paused past its
+lease and has not yet learnt whether it still holds them), timers are put
+off and answers dropped, so that no REGISTER leaves that could replace the
+contact of the shard's new owner at the registrar.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from sipis.transport.resolver import ResolveError, Resolver, Target
 log = logging.getLogger(__name__)
 
 RequestHandler = Callable[[Request | ParseError, Flow], None]
+# How long a binding waits before asking ``may_send`` again.
+HOLD_RETRY = 1.0
 
 
 class Binding:
@@ -56,6 +64,7 @@ class Binding:
         "flow",
         "key",
         "manager",
+        "reported",
         "session",
         "verify_tls",
     )
@@ -73,6 +82,8 @@ class Binding:
         self._target_index = 0
         self._index_target: SipUri | None = None
         self._stopped: asyncio.Future[None] | None = None
+        # the state ``on_state`` was last told of
+        self.reported: RegistrationState | None = None
 
     def flow_lost(self, flow: Flow) -> None:
         """Close listener of the binding's flow (a bound method, so it can be forgotten)."""
@@ -89,6 +100,7 @@ class BindingManager:
         *,
         on_request: RequestHandler,
         on_exchange: Callable[[int | None, float], None] | None = None,
+        on_state: Callable[[Binding], None] | None = None,
         rng: random.Random | None = None,
         timers: Timers = DEFAULT_TIMERS,
         backoff: Backoff = Backoff(),  # noqa: B008 - immutable
@@ -97,6 +109,9 @@ class BindingManager:
         # told of every REGISTER transaction that ends: its final status (None: no answer)
         # and how long it took
         self._on_exchange = on_exchange
+        # told whenever a binding's registration state changes
+        self._on_state = on_state
+        self.may_send: Callable[[], bool] = lambda: True
         self._timers = timers
         self._backoff = backoff
         self._resolver = resolver
@@ -171,7 +186,7 @@ class BindingManager:
         """Everything the transport layer receives comes here."""
         if isinstance(message, Response):
             binding = self._by_call_id.get(message.call_id)
-            if binding is not None:
+            if binding is not None and self.may_send():
                 log.debug("binding %s: %d %s", binding.key, message.status, message.reason)
                 binding.session.receive(message, self._loop.time())
                 self._drive(binding)
@@ -216,10 +231,22 @@ class BindingManager:
             if self._on_exchange is not None:
                 self._on_exchange(*session.completed)
             session.completed = None
+        if self._on_state is not None and binding.reported is not session.state:
+            binding.reported = session.state
+            self._on_state(binding)
 
     def _fire(self, binding: Binding) -> None:
+        if self._held(binding):
+            return
         binding.session.on_timer(self._loop.time())
         self._drive(binding)
+
+    def _held(self, binding: Binding) -> bool:
+        """Put the binding's timer off if REGISTERs may not leave now."""
+        if self.may_send():
+            return False
+        self._scheduler.schedule(binding, self._loop.time() + HOLD_RETRY)
+        return True
 
     async def _open_flow(self, binding: Binding) -> None:
         session = binding.session
@@ -245,6 +272,8 @@ class BindingManager:
             return
         binding._target_index = index
         self._use_flow(binding, flow)
+        if self._held(binding):
+            return
         session.on_timer(self._loop.time())
         self._drive(binding)
 

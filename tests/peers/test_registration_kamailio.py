@@ -152,3 +152,28 @@ async def test_no_password_or_digest_answer_in_debug_logs(
     assert caplog.records, "debug logging was captured"
     for secret in (ALICE, "a-wrong-password", "response=", "Authorization"):
         assert secret not in text
+
+
+async def test_no_register_leaves_while_sending_is_held(kamailio: Kamailio) -> None:
+    """A cluster node unsure of its leases holds its REGISTERs, and sends them once sure."""
+    sending = False
+    config = account("alice", ALICE, kamailio.uri("udp"), expires=5)
+    async with running_relay() as relay:
+        relay.bindings.may_send = lambda: sending
+        relay.bindings.add("alice", config)
+        await asyncio.sleep(2.5)
+        assert await kamailio.contacts("alice") == []
+        assert relay.bindings.status("alice").state is RegistrationState.REGISTERING
+
+        sending = True
+        await relay.registered("alice", timeout=5)
+        [first] = await kamailio.wait_for_contacts("alice", bool)
+        # held again: the refresh due within 4.5 s does not go out, so the binding lapses
+        sending = False
+        await asyncio.sleep(6)
+        assert await kamailio.contacts("alice") == []
+
+        sending = True
+        [again] = await kamailio.wait_for_contacts("alice", bool, timeout=5)
+        assert again["call_id"] == first["call_id"]
+        assert again["cseq"] > first["cseq"]

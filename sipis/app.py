@@ -21,9 +21,10 @@ from sipis import __version__
 from sipis.api.devcert import development_certificate
 from sipis.api.server import Api, ApiSettings
 from sipis.audit import AuditKeys
-from sipis.bindings import BindingManager
+from sipis.bindings import Binding, BindingManager
 from sipis.calls import Calls
 from sipis.client_transactions import ClientTransactions
+from sipis.cluster import ClusterNode
 from sipis.config import Config
 from sipis.crypto import HpkeKeyring, MasterKeyring
 from sipis.devices import Devices
@@ -40,6 +41,8 @@ from sipis.relay import DialogRelay
 from sipis.server_transactions import ServerTransaction
 from sipis.sip.message import Message, ParseError, Request, Response
 from sipis.sip.registration import RegistrationState
+from sipis.store.base import ClusterStore, Store
+from sipis.store.postgres import PostgresStore
 from sipis.store.sqlite import SqliteStore
 from sipis.transport.flow import Flow
 from sipis.transport.layer import TransportLayer, TransportSettings
@@ -60,7 +63,7 @@ class Keys:
 
 
 def open_keys(config: Config) -> Keys:
-    directory = config.data_dir / "keys"
+    directory = config.keys_dir
     grace = config.keys.hpke_grace_days * 86400
     return Keys(
         master=MasterKeyring.load_or_create(directory / "master.json"),
@@ -69,7 +72,10 @@ def open_keys(config: Config) -> Keys:
     )
 
 
-def open_store(config: Config) -> SqliteStore:
+def open_store(config: Config) -> Store:
+    """PostgreSQL when ``store.url`` names one (a cluster), else SQLite in the data directory."""
+    if config.store.url is not None:
+        return PostgresStore(config.store.url)
     return SqliteStore(config.data_dir / "sipis.db")
 
 
@@ -78,7 +84,7 @@ class Relay:
     """The running parts, for whoever drives them (``serve``, tests, benchmarks)."""
 
     config: Config
-    store: SqliteStore
+    store: Store
     keys: Keys
     transport: TransportLayer
     bindings: BindingManager
@@ -93,6 +99,7 @@ class Relay:
     device_inbound: Inbound
     devices: Devices
     dialogs: DialogRelay
+    cluster: ClusterNode | None = None
     api: web.AppRunner | None = None
     api_port: int | None = None
     started_at: float = field(default_factory=time.time)
@@ -112,6 +119,8 @@ class Relay:
         await self.bindings.close(
             unregister=life.unregister_on_shutdown, timeout=life.unregister_wait
         )
+        if self.cluster is not None:
+            await self.cluster.leave()
         self.inbound.close()
         self.device_inbound.close()
         self.clients.close()
@@ -133,9 +142,14 @@ async def start_relay(
     calls: Calls | None = None
     dialogs: DialogRelay | None = None
     devices: Devices | None = None
+    cluster: ClusterNode | None = None
     clients = ClientTransactions()
 
     # The provider's side: registrations, calls and messages arriving on them, dialogs.
+    def binding_changed(binding: Binding) -> None:
+        if cluster is not None:
+            cluster.binding_changed(binding)
+
     def dispatch(message: Message | ParseError, flow: Flow) -> None:
         assert bindings is not None
         if isinstance(message, Response) and clients.receive(message):
@@ -173,7 +187,11 @@ async def start_relay(
     inbound = Inbound(on_request, admit=admit, on_ack=on_ack)
     metrics = Metrics()
     bindings = BindingManager(
-        transport, resolver, on_request=inbound.handle, on_exchange=metrics.register_exchange
+        transport,
+        resolver,
+        on_request=inbound.handle,
+        on_exchange=metrics.register_exchange,
+        on_state=binding_changed if config.clustered else None,
     )
     await transport.start()
 
@@ -217,6 +235,9 @@ async def start_relay(
     await device_transport.start()
 
     life = config.lifecycle
+    if config.clustered:
+        assert isinstance(store, PostgresStore)
+        cluster = _cluster_node(config, store, bindings, metrics, transport, device_transport)
     instances = Instances(
         store,
         keys.master,
@@ -227,6 +248,7 @@ async def start_relay(
         ),
         unregister_wait=life.unregister_wait,
         realm=device.realm,
+        ownership=cluster,
     )
     sender = PushSender(
         providers if providers is not None else push_providers(config),
@@ -275,9 +297,13 @@ async def start_relay(
 
     instances.erased_hooks.append(forget_erased)
     metrics.watch(lambda: _snapshot(instances, bindings, devices, dialogs))
-    started = await instances.start(spread=life.startup_spread)
-    if started:
-        log.info("registering %d stored account(s) over %.0f s", started, life.startup_spread)
+    if cluster is None:
+        started = await instances.start(spread=life.startup_spread)
+        if started:
+            log.info("registering %d stored account(s) over %.0f s", started, life.startup_spread)
+    else:
+        await instances.start(spread=life.startup_spread)
+        await cluster.start(instances)
     sweeper = Sweeper(instances, life.sweep_interval)
     sweeper.start()
     relay = Relay(
@@ -297,10 +323,32 @@ async def start_relay(
         device_inbound,
         devices,
         dialogs,
+        cluster,
     )
     if api:
         await _start_api(relay)
     return relay
+
+
+def _cluster_node(
+    config: Config,
+    store: ClusterStore,
+    bindings: BindingManager,
+    metrics: Metrics,
+    transport: TransportLayer,
+    device_transport: TransportLayer,
+) -> ClusterNode:
+    cluster = config.cluster
+    node = cluster.node or f"{socket.gethostname()}:{transport.listening['udp']}"
+    return ClusterNode(
+        store,
+        node,
+        config.push.relay_uri or _device_uri(config, device_transport),
+        bindings,
+        metrics,
+        lease=cluster.lease,
+        takeover_spread=cluster.takeover_spread,
+    )
 
 
 def push_providers(config: Config) -> dict[str, Provider]:
@@ -417,6 +465,13 @@ async def _stats(relay: Relay) -> dict[str, Any]:
             "checkpoint_age": None
             if snapshot.checkpoint_age is None
             else round(snapshot.checkpoint_age, 1),
+        },
+        "cluster": None
+        if relay.cluster is None
+        else {
+            "node": relay.cluster.node,
+            "shards": len(relay.cluster.held),
+            "nodes": relay.cluster.nodes,
         },
         "at": time.time(),
     }

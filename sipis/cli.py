@@ -183,7 +183,7 @@ async def rotate_keys(config: Config) -> int:
 
 
 def _audit_keys(config: Config) -> AuditKeys:
-    return AuditKeys.load_or_create(config.data_dir / "keys" / "audit.json")
+    return AuditKeys.load_or_create(config.keys_dir / "audit.json")
 
 
 async def audit_verify(config: Config, args: argparse.Namespace) -> int:

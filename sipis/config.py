@@ -7,15 +7,18 @@ seen rather than silently dropped.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sipis.logs import FORMATS, INSTANCE_ID
 
 DAY = 86400
+_NODE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class ConfigError(Exception):
@@ -98,6 +101,25 @@ class LifecycleSection:
 @dataclass(frozen=True)
 class KeysSection:
     hpke_grace_days: float = 7.0
+    # where the master, HPKE and audit keys live (default: <data.dir>/keys); every node of
+    # a cluster needs the same keys
+    dir: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    # postgresql://user@host:port/database for a cluster; default: SQLite in data.dir
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    # this node's name in the lease table (default: host name and device port)
+    node: str | None = None
+    # how long a shard lease lasts unless renewed; a crashed node's shards move after this
+    lease: float = 30.0
+    # how long a node takes to register the bindings of shards it takes over
+    takeover_spread: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -159,11 +181,22 @@ class Config:
     apns: ApnsSection = field(default_factory=ApnsSection)
     fcm: FcmSection = field(default_factory=FcmSection)
     log: LogSection = field(default_factory=LogSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     warnings: tuple[str, ...] = ()
 
     @property
     def data_dir(self) -> Path:
         return Path(self.data.dir)
+
+    @property
+    def keys_dir(self) -> Path:
+        return Path(self.keys.dir) if self.keys.dir else self.data_dir / "keys"
+
+    @property
+    def clustered(self) -> bool:
+        """Whether nodes share a PostgreSQL store (and so divide the instances by lease)."""
+        return self.store.url is not None
 
 
 def _port(key: str, value: Any) -> int:
@@ -300,6 +333,22 @@ def _level(key: str, value: Any) -> str:
 
 _SECONDS = _number(0, 86400)
 
+
+def _store_url(key: str, value: Any) -> str | None:
+    """A PostgreSQL URL (the password is never repeated in an error)."""
+    text = _optional_text(key, value)
+    if text is not None and urlsplit(text).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{key}: expected a postgresql:// URL")
+    return text
+
+
+def _node_name(key: str, value: Any) -> str | None:
+    text = _optional_text(key, value)
+    if text is not None and not _NODE_NAME.fullmatch(text):
+        raise ConfigError(f"{key}: expected 1-64 letters, digits, '.', '_', ':' or '-'")
+    return text
+
+
 _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "sip": {
         "host": _text,
@@ -344,7 +393,13 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "startup_spread": _number(-1, DAY),
         "unregister_on_shutdown": _flag,
     },
-    "keys": {"hpke_grace_days": _number(0, 365)},
+    "keys": {"hpke_grace_days": _number(0, 365), "dir": _optional_text},
+    "store": {"url": _store_url},
+    "cluster": {
+        "node": _node_name,
+        "lease": _number(1, 3600),
+        "takeover_spread": _number(-1, 3600),
+    },
     "push": {
         "ring_timeout": _number(0, 600),
         "relay_uri": _optional_text,
@@ -382,6 +437,8 @@ _SECTIONS: dict[str, type] = {
     "apns": ApnsSection,
     "fcm": FcmSection,
     "log": LogSection,
+    "store": StoreSection,
+    "cluster": ClusterSection,
 }
 
 

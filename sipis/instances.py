@@ -26,6 +26,15 @@ append the purge-log entry in one transaction, then scrub the database
 files.  Deleting the row destroys the only copy of the wrapped data key
 (crypto-shredding); ``secure_delete`` and the WAL truncation leave no
 ciphertext behind.
+
+In a cluster every node answers the API, but only the node owning an
+instance's shard (``Ownership.owns``) holds it live: its bindings, its
+push routing, its device digest.  A change made on another node reaches
+the owner as a ``Change`` (``apply``): the owner reloads the instance and
+its bindings follow, or, for an erasure, un-REGISTERs them and runs the
+erasure hooks.  Shards gained and lost move instances in (``adopt``) and
+out (``release``: no un-REGISTER, the new owner's REGISTER replaces the
+contact).  Writes only the owner may make carry its lease (``fence``).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from sipis.audit import CHECKPOINT_EVERY, AuditKeys, PurgeEntry, make_checkpoint
 from sipis.bindings import BindingManager
@@ -56,6 +65,7 @@ from sipis.sip.digest_server import HA1_ALGORITHMS, digest_ha1
 from sipis.sip.registration import RegistrationConfig, RegistrationState
 from sipis.sip.uri import SipUri, parse_sip_uri
 from sipis.store import AccountRow, InstanceRow, Store
+from sipis.store.base import Change, Fence
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +198,23 @@ class QueuedMessage:
     body: bytes = field(repr=False)
 
 
+class Ownership(Protocol):
+    """Which instances this node holds, when nodes share a store (``sipis.cluster``)."""
+
+    def owns(self, instance_id: str) -> bool: ...
+
+    def fence(self, instance_id: str) -> Fence:
+        """The lease a write that only the owner may make is made under."""
+
+    async def binding_states(self, instance_id: str) -> dict[str, dict[str, Any]]:
+        """Account id -> state, last status and reason, as the owning node wrote them."""
+
+
+def _owns_all(_instance_id: str) -> bool:
+    """A node alone owns every instance."""
+    return True
+
+
 ExpiringHook = Callable[[Routing], Awaitable[None]]
 ErasedHook = Callable[[Routing, str], Awaitable[None]]
 
@@ -206,6 +233,7 @@ class Instances:
         unregister_wait: float = 5.0,
         realm: str = DEFAULT_REALM,
         clock: Callable[[], float] = time.time,
+        ownership: Ownership | None = None,
     ) -> None:
         self._store = store
         self._realm = realm
@@ -215,6 +243,8 @@ class Instances:
         self.bounds = bounds
         self._unregister_wait = unregister_wait
         self._clock = clock
+        self._ownership = ownership
+        self._owns = ownership.owns if ownership is not None else _owns_all
         self._live: dict[str, _Live] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.expiring_hooks: list[ExpiringHook] = []
@@ -229,7 +259,12 @@ class Instances:
     async def start(self, *, spread: float = 60.0) -> int:
         """Register every active instance's accounts, spread over ``spread`` seconds."""
         self.purge_entries, self.checkpointed_at = await self._store.purge_status()
-        rows = await self._store.all()
+        return self.adopt(await self._store.all(), spread=spread)
+
+    def adopt(self, rows: list[InstanceRow], *, spread: float) -> int:
+        """Hold the owned ones of ``rows`` live and register their accounts, spread over
+        ``spread`` seconds; returns how many accounts start registering."""
+        rows = [r for r in rows if r.id not in self._live and self._owns(r.id)]
         count = sum(len(r.accounts) for r in rows if not r.paused)
         started = 0
         for row in rows:
@@ -246,6 +281,49 @@ class Instances:
                 self._bind(row.id, account, delay)
                 started += 1
         return started
+
+    async def release(self, instance_ids: list[str]) -> None:
+        """Stop holding instances whose shard moved to another node; no un-REGISTER."""
+        for instance_id in instance_ids:
+            live = self._live.pop(instance_id, None)
+            if live is not None and not live.paused:
+                for account in live.accounts:
+                    await self._bindings.remove(
+                        _binding_key(instance_id, account.spec.id), unregister=False
+                    )
+
+    def live_ids(self) -> list[str]:
+        """The instances this node holds live."""
+        return list(self._live)
+
+    async def apply(self, change: Change) -> None:
+        """Follow a change made by any node to an instance this node owns."""
+        if not self._owns(change.instance_id):
+            return
+        async with self._lock(change.instance_id):
+            if change.kind == "erased":
+                live = self._live.pop(change.instance_id, None)
+                if live is not None:
+                    await self._unbind_all(change.instance_id, live)
+            else:
+                row = await self._store.get(change.instance_id)
+                if row is None:
+                    return
+                fresh = self._decrypt(row)
+                live = self._live.get(row.id)
+                if live is None:
+                    self._live[row.id] = fresh
+                    if not fresh.paused:
+                        for account in fresh.accounts:
+                            self._bind(row.id, account, 0.0)
+                    return
+                await self._follow(row.id, live, fresh.accounts, fresh.paused)
+                live.routing = fresh.routing
+                return
+        self._locks.pop(change.instance_id, None)
+        if live is not None and change.reason is not None:
+            for hook in self.erased_hooks:
+                await self._run_hook(hook(live.routing, change.reason))
 
     # -- the API's operations ------------------------------------------------------------
 
@@ -287,9 +365,10 @@ class Instances:
             spec.push.other_token,
             spec.payload_key,
         )
-        self._live[instance_id] = _Live(paused=False, routing=routing, accounts=accounts)
-        for account in accounts:
-            self._bind(instance_id, account, 0.0)
+        if self._owns(instance_id):
+            self._live[instance_id] = _Live(paused=False, routing=routing, accounts=accounts)
+            for account in accounts:
+                self._bind(instance_id, account, 0.0)
         log.info("instance %s created with %d account(s)", instance_id, len(accounts))
         return instance_id, secret, row
 
@@ -332,7 +411,7 @@ class Instances:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def view(self, row: InstanceRow) -> dict[str, Any]:
+    async def view(self, row: InstanceRow) -> dict[str, Any]:
         """Everything held about an instance except secrets (API.md, GET)."""
         key = self._keyring.unwrap(row.id, row.data_key)
         try:
@@ -340,9 +419,18 @@ class Instances:
         finally:
             key.destroy()
         live = self._live.get(row.id)
-        accounts = [
-            self._account_view(row.id, a, row.paused) for a in (live.accounts if live else [])
-        ]
+        if live is not None or self._ownership is None:
+            accounts = [
+                self._account_view(row.id, a, row.paused) for a in (live.accounts if live else [])
+            ]
+        else:
+            states = await self._ownership.binding_states(row.id)
+            accounts = [
+                _spec_view(a.spec) | states.get(a.spec.id, {"state": "registering"})
+                if not row.paused
+                else _spec_view(a.spec) | {"state": "paused"}
+                for a in self._decrypt(row).accounts
+            ]
         return {
             "id": row.id,
             "app_id": row.app_id,
@@ -367,9 +455,10 @@ class Instances:
                 raise InstanceGone(row.id)
             now = self._clock()
             key = self._keyring.unwrap(current.id, current.data_key)
-            live = self._live.get(current.id) or self._live.setdefault(
-                current.id, self._decrypt(current)
-            )
+            owned = self._owns(current.id)
+            live = self._live.get(current.id) or self._decrypt(current)
+            if owned:
+                self._live.setdefault(current.id, live)
             try:
                 accounts = live.accounts
                 if change.accounts is not None:
@@ -394,7 +483,8 @@ class Instances:
                 key.destroy()
             if not await self._store.replace(updated):
                 raise InstanceGone(row.id)
-            await self._follow(current.id, live, accounts, updated.paused)
+            if owned:
+                await self._follow(current.id, live, accounts, updated.paused)
             live.routing = replace(
                 live.routing,
                 environment=updated.environment,
@@ -422,14 +512,7 @@ class Instances:
             row = await self._store.get(instance_id)
             live = self._live.pop(instance_id, None)
             if live is not None:
-                await asyncio.gather(
-                    *(
-                        self._bindings.remove(
-                            _binding_key(instance_id, a.spec.id), timeout=self._unregister_wait
-                        )
-                        for a in live.accounts
-                    )
-                )
+                await self._unbind_all(instance_id, live)
             if row is None:
                 return None
             erased = {
@@ -481,14 +564,16 @@ class Instances:
             async with gate:
                 return await self.erase(instance_id, "expired") is not None
 
-        expired = await self._store.expired(now)
+        expired = [i for i in await self._store.expired(now) if self._owns(i)]
         erased = sum(await asyncio.gather(*(expire(i) for i in expired)))
         for row in await self._store.expiring(now + self.bounds.day):
+            if not self._owns(row.id):
+                continue
             live = self._live.get(row.id)
             if live is not None:
                 for hook in self.expiring_hooks:
                     await self._run_hook(hook(live.routing))
-            await self._store.mark_warned(row.id, now)
+            await self._store.mark_warned(row.id, now, fence=self._fence_for(row.id))
         return erased
 
     def routing(self, instance_id: str) -> Routing | None:
@@ -512,7 +597,9 @@ class Instances:
             sealed = key.encrypt(row.id, f"message:{account_id}", content)
         finally:
             key.destroy()
-        return await self._store.queue_message(row.id, account_id, received, sealed)
+        return await self._store.queue_message(
+            row.id, account_id, received, sealed, fence=self._fence_for(row.id)
+        )
 
     async def delivered(self, instance_id: str, message_id: int) -> None:
         """The app took a queued message: erase it."""
@@ -549,6 +636,20 @@ class Instances:
             await work
         except Exception:
             log.exception("instance hook failed")
+
+    def _fence_for(self, instance_id: str) -> Fence | None:
+        return None if self._ownership is None else self._ownership.fence(instance_id)
+
+    async def _unbind_all(self, instance_id: str, live: _Live) -> None:
+        """Un-REGISTER and forget every binding of an instance (bounded wait)."""
+        await asyncio.gather(
+            *(
+                self._bindings.remove(
+                    _binding_key(instance_id, a.spec.id), timeout=self._unregister_wait
+                )
+                for a in live.accounts
+            )
+        )
 
     def _token_count(self, row: InstanceRow) -> int:
         key = self._keyring.unwrap(row.id, row.data_key)
@@ -641,17 +742,7 @@ class Instances:
 
     def _account_view(self, instance_id: str, account: _Account, paused: bool) -> dict[str, Any]:
         spec = account.spec
-        view: dict[str, Any] = {
-            "id": spec.id,
-            "aor": spec.aor,
-            "auth_username": spec.auth_username,
-            "registrar": spec.registrar,
-            "outbound_proxy": spec.outbound_proxy,
-            "transport": spec.transport,
-            "expires": spec.expires,
-            "display_name": spec.display_name,
-            "verify_tls": spec.verify_tls,
-        }
+        view = _spec_view(spec)
         binding = None if paused else self._bindings.get(_binding_key(instance_id, spec.id))
         if binding is None:
             view["state"] = "paused"
@@ -659,7 +750,7 @@ class Instances:
         status = binding.session.status(asyncio.get_running_loop().time())
         to_wall = self._clock() - asyncio.get_running_loop().time()
         view.update(
-            state=_STATE_NAMES[status.state],
+            state=STATE_NAMES[status.state],
             last_status=status.last_status,
             reason=status.reason,
             registered_until=None
@@ -672,7 +763,22 @@ class Instances:
         return view
 
 
-_STATE_NAMES = {
+def _spec_view(spec: AccountSpec) -> dict[str, Any]:
+    """An account's settings as the API shows them: everything but the password."""
+    return {
+        "id": spec.id,
+        "aor": spec.aor,
+        "auth_username": spec.auth_username,
+        "registrar": spec.registrar,
+        "outbound_proxy": spec.outbound_proxy,
+        "transport": spec.transport,
+        "expires": spec.expires,
+        "display_name": spec.display_name,
+        "verify_tls": spec.verify_tls,
+    }
+
+
+STATE_NAMES = {
     RegistrationState.STOPPED: "paused",
     RegistrationState.REGISTERING: "registering",
     RegistrationState.REGISTERED: "registered",

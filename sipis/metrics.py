@@ -58,6 +58,28 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.cluster_shards = Gauge(
+            "sipis_cluster_shards",
+            "Shards whose lease this node holds",
+            registry=self.registry,
+        )
+        self.cluster_nodes = Gauge(
+            "sipis_cluster_nodes",
+            "Live nodes of the cluster, as this node last saw them",
+            registry=self.registry,
+        )
+        self.shard_moves = Counter(
+            "sipis_cluster_shard_moves",
+            "Shards this node claimed, released (hand-over) or lost (lease gone)",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.fenced_writes = Counter(
+            "sipis_cluster_fenced_writes",
+            "Writes refused because the lease they were made under had moved on",
+            registry=self.registry,
+        )
+
     def register_exchange(self, status: int | None, seconds: float) -> None:
         """A REGISTER transaction ended: with ``status``, or unanswered (None)."""
         if status is None:

@@ -69,6 +69,11 @@ def render(stats: Mapping[str, Any]) -> str:
         ("erasures", _flat(stats.get("purges", {})) or "none"),
         ("purge log", _purge_log(stats.get("purge_log", {}))),
     ]
+    cluster = stats.get("cluster")
+    if isinstance(cluster, Mapping):
+        nodes = cluster.get("nodes", [])
+        held = f"node {cluster.get('node')}, {cluster.get('shards', 0):,} shard(s)"
+        rows.insert(1, ("cluster", f"{held} of {len(nodes)} node(s): {', '.join(nodes)}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + "\n"
 

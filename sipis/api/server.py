@@ -218,12 +218,12 @@ class Api:
             lifetime=None if body.lifetime is None else float(body.lifetime),
         )
         _, secret, row = await self._instances.create(spec)
-        view = self._instances.view(row)
+        view = await self._instances.view(row)
         return _json(201, {**view, "secret": secret})
 
     async def get(self, request: web.Request) -> web.Response:
         row = await self._authenticated(request)
-        return _json(200, self._instances.view(row))
+        return _json(200, await self._instances.view(row))
 
     async def patch(self, request: web.Request) -> web.Response:
         row = await self._authenticated(request)
@@ -245,7 +245,7 @@ class Api:
             raise Rejected(401, "unauthorized", "unknown instance or wrong secret") from None
         except ValueError as exc:
             raise Rejected(400, "invalid_field", str(exc), "accounts") from None
-        return _json(200, self._instances.view(updated))
+        return _json(200, await self._instances.view(updated))
 
     async def delete(self, request: web.Request) -> web.Response:
         row = await self._authenticated(request)

@@ -80,6 +80,18 @@ def test_the_status_table() -> None:
     ]
 
 
+def test_the_status_table_of_a_cluster_node() -> None:
+    stats = {
+        "version": "0.1.0",
+        "uptime": 5.0,
+        "cluster": {"node": "n2", "shards": 1366, "nodes": ["n1", "n2", "n3"]},
+    }
+    assert render(stats).splitlines()[:2] == [
+        "node         sipis 0.1.0, up 5s",
+        "cluster      node n2, 1,366 shard(s) of 3 node(s): n1, n2, n3",
+    ]
+
+
 def test_progress_writes_a_line_at_most_every_interval_and_always_the_last() -> None:
     now = [0.0]
     stream = io.StringIO()

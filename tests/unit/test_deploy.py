@@ -248,6 +248,11 @@ def test_compose_gives_sipis_and_prometheus_the_same_admin_token(tmp_path: Path)
     assert config.api.admin_token == environment["SIPIS_ADMIN_TOKEN"]
     assert config.data.dir == sample_config().data.dir
     assert (config.sip.advertise, config.device.advertise) == (None, "localhost")
+    assert config.store.url == "postgresql://sipis@postgres:5432/sipis"
+    sipis = document["services"]["sipis"]
+    assert sipis["depends_on"]["postgres"]["condition"] == "service_healthy"
+    postgres = document["services"]["postgres"]["environment"]
+    assert sipis["environment"]["PGPASSWORD"] == postgres["POSTGRES_PASSWORD"]
     token = interpolate(document["configs"]["prometheus-token"]["content"], environment)
     assert token == environment["SIPIS_ADMIN_TOKEN"]
     with pytest.raises(KeyError, match="SIPIS_ADMIN_TOKEN"):

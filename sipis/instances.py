@@ -355,7 +355,6 @@ class Instances:
             digest=_seal_digest(key, instance_id, self._realm, secret),
         )
         key.destroy()
-        await self._store.insert(row)
         routing = Routing(
             instance_id,
             spec.platform,
@@ -365,10 +364,13 @@ class Instances:
             spec.push.other_token,
             spec.payload_key,
         )
-        if self._owns(instance_id):
-            self._live[instance_id] = _Live(paused=False, routing=routing, accounts=accounts)
-            for account in accounts:
-                self._bind(instance_id, account, 0.0)
+        # under the lock: the owner may hear of the new row (``apply``) before this goes on
+        async with self._lock(instance_id):
+            await self._store.insert(row)
+            if self._owns(instance_id):
+                self._live[instance_id] = _Live(paused=False, routing=routing, accounts=accounts)
+                for account in accounts:
+                    self._bind(instance_id, account, 0.0)
         log.info("instance %s created with %d account(s)", instance_id, len(accounts))
         return instance_id, secret, row
 

@@ -88,6 +88,10 @@ LISTEN_PROBE_INTERVAL = 30.0
 LISTEN_RETRY_FIRST = 0.2
 LISTEN_RETRY_MAX = 10.0
 APPLICATION_NAME = "sipis"
+# A transaction of a node that stops between two statements (paused, frozen, cut off) is
+# ended by the server after this many milliseconds, so its locks (a shard's lease read
+# FOR SHARE, the purge log's lock) do not outlive it and block the other nodes.
+IDLE_IN_TRANSACTION_MS = 5000
 LISTEN_APPLICATION_NAME = "sipis-listen"
 
 # Keys of the advisory locks (pg_advisory_xact_lock takes any bigint).
@@ -268,7 +272,10 @@ class PostgresStore:
                 max_size=POOL_SIZE,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": APPLICATION_NAME},
+                server_settings={
+                    "application_name": APPLICATION_NAME,
+                    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS),
+                },
             )
         except (*_DATABASE_ERRORS, ValueError) as exc:
             raise StoreError(f"cannot open {self.target}: {_describe(exc)}") from None

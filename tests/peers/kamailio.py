@@ -29,6 +29,10 @@ What the configuration does:
   MESSAGE is not dialog-forming and is not record-routed.  No registration: 480; unknown user: 404.
 - OPTIONS to the server itself (no user part) gets 200: a keepalive probe.
 
+`contacts(aor)` asks for one address-of-record through kamcmd and the
+control socket; `all_contacts()` reads the whole location table through
+the JSON-RPC server's FIFO (jsonrpcs), since kamcmd's replies are capped.
+
 `restart()` kills Kamailio and starts it again on the same ports: the
 location table is lost, like a real registrar restarted with db_mode 0.
 
@@ -39,8 +43,10 @@ it needs neither /run/kamailio nor a kamailio user.
 
 import asyncio
 import contextlib
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -48,10 +54,11 @@ import ssl
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, TypedDict
+from typing import Any, Literal, Self, TypedDict
 
 import trustme
 
@@ -223,6 +230,12 @@ class Kamailio:
     def control_socket(self) -> Path:
         return self.runtime_dir / "kamailio_ctl"
 
+    @property
+    def rpc_fifo(self) -> Path:
+        """The FIFO where Kamailio's JSON-RPC server (jsonrpcs) reads requests; replies
+        come back through FIFOs the client makes in the same directory."""
+        return self.runtime_dir / "kamailio_rpc.fifo"
+
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_path, lines)
 
@@ -280,6 +293,7 @@ class Kamailio:
                 certificate=certificate.chain,
                 private_key=certificate.private_key,
                 control_socket=self.control_socket,
+                rpc_fifo=self.rpc_fifo,
             )
         )
 
@@ -288,6 +302,7 @@ class Kamailio:
         if self._process is not None:
             raise RuntimeError("Kamailio is already running")
         self.control_socket.unlink(missing_ok=True)
+        self.rpc_fifo.unlink(missing_ok=True)
         self._process = self._spawn()
         deadline = time.monotonic() + START_TIMEOUT
         try:
@@ -453,6 +468,74 @@ class Kamailio:
             if contact is not None
         ]
 
+    async def all_contacts(self) -> dict[str, list[LocationContact]]:
+        """Return the live bindings of every address-of-record, by AOR, in one RPC.
+
+        An AOR without a live binding is left out.  kamcmd cannot carry the
+        location table of a few thousand users: its reply buffer has a
+        compiled-in size (MAX_REPLY_SIZE), and `kamcmd ul.dump` fails with
+        "reply too big" beyond a few hundred contacts, whatever the ctl
+        module's binrpc sizes.  So `ul.dump` goes through the JSON-RPC
+        server's FIFO transport, whose reply has no such bound; its contacts
+        carry the same fields as kamcmd prints and are read the same way as
+        in `contacts()`.
+        """
+        result = await asyncio.to_thread(self._json_rpc, "ul.dump")
+        table: dict[str, list[LocationContact]] = {}
+        for domain in result["Domains"]:
+            if domain["Domain"]["Domain"] != "location":
+                continue
+            for record in domain["Domain"]["AoRs"]:
+                info = record["Info"]
+                fields = (
+                    {name: str(value) for name, value in item["Contact"].items()}
+                    for item in info["Contacts"]
+                )
+                live = [c for c in map(_location_contact, fields) if c is not None]
+                if live:
+                    table[info["AoR"]] = live
+        return table
+
+    def _json_rpc(self, method: str) -> Any:
+        """Run one RPC through jsonrpcs's FIFO and return its result (blocking, bounded).
+
+        The request names a reply FIFO made here; Kamailio opens it, writes
+        the whole JSON reply and closes it.  The reply FIFO is opened
+        non-blocking before the request leaves, and poll() reports data or
+        the writer's close only once Kamailio has opened it, so the wait is
+        bounded by RPC_TIMEOUT rather than by a blocking open().
+        """
+        name = f"reply-{uuid.uuid4().hex}"
+        reply_fifo = self.runtime_dir / name
+        os.mkfifo(reply_fifo, 0o600)
+        try:
+            reader = os.open(reply_fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                self._send_json_rpc(method, name)
+                text = _read_fifo(reader, time.monotonic() + RPC_TIMEOUT)
+            finally:
+                os.close(reader)
+        finally:
+            reply_fifo.unlink(missing_ok=True)
+        if not text:
+            raise KamailioError(f"{method}: no reply on the JSON-RPC FIFO")
+        reply = json.loads(text)
+        if "error" in reply:
+            raise KamailioError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    def _send_json_rpc(self, method: str, reply_name: str) -> None:
+        request = {"jsonrpc": "2.0", "method": method, "reply_name": reply_name, "id": 1}
+        try:
+            writer = os.open(self.rpc_fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:  # ENXIO: nobody reads the FIFO, Kamailio is not running
+            raise KamailioError(f"JSON-RPC FIFO {self.rpc_fifo}: {exc}") from None
+        try:
+            # One write below PIPE_BUF: atomic even when several clients share the FIFO.
+            os.write(writer, json.dumps(request).encode() + b"\n")
+        finally:
+            os.close(writer)
+
     async def wait_for_new_registrations(
         self, before: Mapping[str, set[str]], timeout: float = 10.0
     ) -> None:
@@ -490,6 +573,25 @@ class Kamailio:
 def _signal_group(process_group: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process_group, signum)
+
+
+def _read_fifo(reader: int, deadline: float) -> bytes:
+    """Read a non-blocking FIFO until its writer closes it; KamailioError at ``deadline``
+    (a ``time.monotonic()`` value)."""
+    poller = select.poll()
+    poller.register(reader, select.POLLIN)
+    chunks: list[bytes] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            raise KamailioError("no complete JSON-RPC reply in time")
+        try:
+            chunk = os.read(reader, 1 << 20)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _options_request(server_port: int, local_port: int) -> bytes:
@@ -592,6 +694,7 @@ def render_config(
     certificate: Path,
     private_key: Path,
     control_socket: Path,
+    rpc_fifo: Path,
 ) -> str:
     """Return the Kamailio configuration: generated settings, then the fixed routing logic."""
     passwords = "\n".join(
@@ -631,6 +734,7 @@ loadmodule "siputils.so"
 loadmodule "xlog.so"
 loadmodule "sanity.so"
 loadmodule "ctl.so"
+loadmodule "jsonrpcs.so"
 loadmodule "htable.so"
 loadmodule "auth.so"
 loadmodule "usrloc.so"
@@ -639,6 +743,10 @@ loadmodule "nathelper.so"
 loadmodule "tls.so"
 
 modparam("ctl", "binrpc", "unix:{control_socket}")
+modparam("jsonrpcs", "transport", 2)
+modparam("jsonrpcs", "pretty_format", 0)
+modparam("jsonrpcs", "fifo_name", "{rpc_fifo}")
+modparam("jsonrpcs", "fifo_reply_dir", "{rpc_fifo.parent}/")
 
 modparam("tls", "certificate", "{certificate}")
 modparam("tls", "private_key", "{private_key}")

@@ -16,11 +16,22 @@ os.environ.setdefault("PYTHONASYNCIODEBUG", "1")
 
 from tests.peers.kamailio import Kamailio
 from tests.peers.sipp import SippServer
-from tests.postgres import pg_url, postgres_server  # noqa: F401  (fixtures)
+from tests.postgres import PostgresServer, pg_url, postgres_server  # noqa: F401  (fixtures)
 from tests.secrets import RECORDER, SECRETS, remember
 
 PEER_USERS = {"alice": "wonderland", "bob": "builder"}
 remember(*PEER_USERS.values())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_sections(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """Config sections running a relay on each store: SQLite (the default), and a fresh
+    PostgreSQL database, where the relay is the one node of a cluster."""
+    if request.param == "sqlite":
+        return {}
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    url = await server.new_database()
+    return {"store": {"url": url}, "cluster": {"node": "n1", "lease": 3.0}}
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -19,9 +19,11 @@ REGISTRAR = "sip:192.0.2.1:5060;transport=udp"  # never reached: TEST-NET-1, and
 
 
 @pytest.fixture
-async def running(tmp_path: Path):
+async def running(tmp_path: Path, store_sections: dict[str, dict[str, Any]]):
     async with relay_with_api(
-        tmp_path, api={"admin_token": "admin-token-for-tests", "create_burst": 50}
+        tmp_path,
+        api={"admin_token": "admin-token-for-tests", "create_burst": 50},
+        **store_sections,
     ) as running:
         yield running
 

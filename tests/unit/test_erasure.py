@@ -7,6 +7,7 @@ import base64
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 from sipis.app import start_relay
 from sipis.push.base import Routing
@@ -85,11 +86,13 @@ async def test_restart_spreads_registrations_over_the_configured_time(tmp_path: 
 
 
 async def test_warning_a_day_before_expiry_then_erasure_then_a_signed_checkpoint(
-    tmp_path: Path,
+    tmp_path: Path, store_sections: dict[str, dict[str, Any]]
 ) -> None:
     """With a one-second lifetime day: warned after 2 s, erased after 3 s."""
     async with relay_with_api(
-        tmp_path, lifecycle={"day": 1.0, "sweep_interval": 0.1, "unregister_wait": 0.2}
+        tmp_path,
+        lifecycle={"day": 1.0, "sweep_interval": 0.1, "unregister_wait": 0.2},
+        **store_sections,
     ) as running:
         warned: list[tuple[str, float]] = []
 

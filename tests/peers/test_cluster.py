@@ -674,6 +674,37 @@ async def test_instances_deleted_on_another_node_while_created_leave_nothing(
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+async def test_a_node_stopped_hands_its_shards_over_before_any_lease_runs_out(
+    world: World,
+) -> None:
+    cluster = world.cluster
+    before = await world.settled()
+    leaving = cluster.live()[0]
+    staying = [node for node in cluster.live() if node is not leaving]
+    handed = world.users_owned_by(before, leaving)
+    assert handed
+    staying_ports = {node.sip_port for node in staying}
+
+    async def moved() -> Snapshot | None:
+        snapshot = await world.snapshot()
+        if snapshot.held()[leaving.name] or world.lease_problems(snapshot):
+            return None
+        if world.registration_problems(snapshot, handed):
+            return None
+        return snapshot
+
+    async with ContactWatch(world.kamailio, world.subscribers) as watch:
+        stopped_at = time.monotonic()
+        assert await leaving.stop() == 0
+        # A crashed node's shards wait for its leases to run out; a stopped node's do not.
+        after: Snapshot = await bounded(f"{leaving.name}'s accounts handed over", LEASE, moved)
+        took = time.monotonic() - stopped_at
+    print(f"{len(handed)} accounts of {leaving.name} handed over {took:.1f} s after SIGTERM")
+    assert watch.problems == [], watch.problems[:20]
+    assert all(received_port(after.contacts[user][0]) in staying_ports for user in handed)
+    assert (await world.settled()).held()[leaving.name] == 0
+
+
 async def test_nodes_stop_cleanly_having_logged_no_secret_and_no_error(world: World) -> None:
     live = world.cluster.live()
     assert await asyncio.gather(*(node.stop() for node in live)) == [0] * len(live)

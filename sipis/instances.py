@@ -64,7 +64,7 @@ from sipis.push.base import Routing
 from sipis.sip.digest_server import HA1_ALGORITHMS, digest_ha1
 from sipis.sip.registration import RegistrationConfig, RegistrationState
 from sipis.sip.uri import SipUri, parse_sip_uri
-from sipis.store import AccountRow, InstanceRow, Store
+from sipis.store import AccountRow, InstanceRow, Store, StoreError
 from sipis.store.base import Change, Fence
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,8 @@ class Instances:
         self.erasures: dict[str, int] = {}
         self.purge_entries = 0
         self.checkpointed_at: float | None = None
+        # an erasure committed but the files were not scrubbed after it
+        self._scrub_owed = False
 
     # -- start-up -------------------------------------------------------------------
 
@@ -524,13 +526,21 @@ class Instances:
                 "queued_messages": await self._store.count_messages(instance_id),
                 "data_key": 1,
             }
-            entry = await self._store.erase(
-                instance_id,
-                at=self._clock(),
-                reason=reason,
-                subject=self._audit.subject(instance_id),
-                erased=erased,
-            )
+            try:
+                entry = await self._store.erase(
+                    instance_id,
+                    at=self._clock(),
+                    reason=reason,
+                    subject=self._audit.subject(instance_id),
+                    erased=erased,
+                )
+            except StoreError:
+                if live is not None:  # still stored: hold it and register it again
+                    self._live[instance_id] = live
+                    if not live.paused:
+                        for account in live.accounts:
+                            self._bind(instance_id, account, 0.0)
+                raise
         self._locks.pop(instance_id, None)
         if entry is not None:
             log.info("instance %s erased (%s), purge-log entry %d", instance_id, reason, entry.seq)
@@ -540,9 +550,8 @@ class Instances:
                 for hook in self.erased_hooks:
                     await self._run_hook(hook(live.routing, reason))
             if entry.seq % CHECKPOINT_EVERY == 0:
-                await self.checkpoint()
-            if not await self._store.scrub():
-                log.warning("database files not scrubbed yet: another connection holds them")
+                await self._after_erasure(self.checkpoint())
+            await self._scrub()
         return entry
 
     async def checkpoint(self) -> None:
@@ -557,8 +566,25 @@ class Instances:
 
     # -- the lifecycle's operations ------------------------------------------------------------
 
+    async def _scrub(self) -> None:
+        """Leave nothing of erased rows in the database files, or owe it to the next sweep."""
+        self._scrub_owed = not await self._after_erasure(self._store.scrub())
+        if self._scrub_owed:
+            log.warning("database files not scrubbed yet: the next sweep tries again")
+
+    async def _after_erasure(self, work: Awaitable[Any]) -> Any:
+        """Work that follows a committed erasure: a failure is logged, never raised, since
+        the erasure itself is done and its answer must say so."""
+        try:
+            return await work
+        except StoreError as exc:
+            log.warning("after an erasure: %s", exc)
+            return False
+
     async def sweep(self) -> int:
         """Erase every instance past its lifetime; warn those within a day of it."""
+        if self._scrub_owed:
+            await self._scrub()
         now = self._clock()
         gate = asyncio.Semaphore(SWEEP_CONCURRENCY)
 

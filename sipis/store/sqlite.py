@@ -166,7 +166,8 @@ class SqliteStore:
                 except _RolledBack:
                     pass
                 except BaseException:
-                    await db.execute("ROLLBACK")
+                    if db.in_transaction:  # SQLite rolls back by itself after SQLITE_FULL
+                        await db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(f"database write failed: {exc}") from None

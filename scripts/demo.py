@@ -58,6 +58,9 @@ async def demo(api: str, data_dir: Path) -> int:
                 created = await answer.json()
                 if answer.status != 201:
                     print(f"refused: {answer.status} {created}")
+                    if "loopback" in str(created.get("detail")):
+                        print("this demo's Kamailio runs on loopback: start sipis with "
+                              "./scripts/serve --allow-network 127.0.0.0/8")  # fmt: skip
                     return 1
             instance_id, secret = created["id"], created["secret"]
             print(f"instance {instance_id} (its secret is shown once, to the app)")

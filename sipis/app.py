@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import ipaddress
 import logging
 import signal
 import socket
@@ -46,6 +48,7 @@ from sipis.store.postgres import PostgresStore
 from sipis.store.sqlite import SqliteStore
 from sipis.transport.flow import Flow
 from sipis.transport.layer import TransportLayer, TransportSettings
+from sipis.transport.policy import TargetPolicy
 from sipis.transport.resolver import Resolver
 from sipis.transport.udp import uri_host
 
@@ -186,6 +189,7 @@ async def start_relay(
     resolver = Resolver(list(config.dns.nameservers) or None, timeout=config.dns.timeout)
     inbound = Inbound(on_request, admit=admit, on_ack=on_ack)
     metrics = Metrics()
+    await transport.start()
     bindings = BindingManager(
         transport,
         resolver,
@@ -193,7 +197,6 @@ async def start_relay(
         on_exchange=metrics.register_exchange,
         on_state=binding_changed if config.clustered else None,
     )
-    await transport.start()
 
     # The device side: apps registering, and their half of each dialog.
     def device_dispatch(message: Message | ParseError, flow: Flow) -> None:
@@ -233,6 +236,7 @@ async def start_relay(
         ),
     )
     await device_transport.start()
+    bindings.policy = _server_policy(config, [transport, device_transport])
 
     life = config.lifecycle
     if config.clustered:
@@ -328,6 +332,30 @@ async def start_relay(
     if api:
         await _start_api(relay)
     return relay
+
+
+def _server_policy(config: Config, transports: list[TransportLayer]) -> TargetPolicy:
+    """Where registrars may not be: not globally routable addresses outside
+    ``sip.allowed_networks``, and this relay's own SIP, device and API ports."""
+    hosts = {config.sip.host, config.device.host, config.api.host}
+    hosts |= {h for h in (config.sip.advertise, config.device.advertise) if h}
+    addresses = {h.strip("[]") for h in hosts if _is_address(h.strip("[]"))}
+    if hosts & {"0.0.0.0", "::"}:  # noqa: S104 - a wildcard bind: every address of the host
+        with contextlib.suppress(OSError):
+            addresses |= {
+                str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)
+            }
+    ports = {port for t in transports for port in t.listening.values()} | {config.api.port}
+    own = [(address, port) for address in addresses for port in ports if port]
+    return TargetPolicy.build(config.sip.allowed_networks, own)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _cluster_node(
@@ -483,10 +511,18 @@ def _by_label(metrics: Metrics, name: str) -> dict[str, int]:
 
 async def _start_api(relay: Relay) -> None:
     config = relay.config.api
+    servers = relay.bindings.policy
+    assert servers is not None
     api = Api(
         relay.instances,
         relay.keys.hpke,
-        ApiSettings(config.admin_token, config.max_body, config.create_rate, config.create_burst),
+        ApiSettings(
+            config.admin_token,
+            config.max_body,
+            config.create_rate,
+            config.create_burst,
+            servers=servers,
+        ),
         info=lambda: _info(relay),
         stats=lambda: _stats(relay),
         metrics=lambda: generate_latest(relay.metrics.registry),

@@ -43,6 +43,7 @@ from sipis.sip.transaction import DEFAULT_TIMERS, Timers
 from sipis.sip.uri import SipUri
 from sipis.transport.flow import Flow, FlowClosed
 from sipis.transport.layer import TransportLayer
+from sipis.transport.policy import TargetPolicy
 from sipis.transport.resolver import ResolveError, Resolver, Target
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class BindingManager:
         rng: random.Random | None = None,
         timers: Timers = DEFAULT_TIMERS,
         backoff: Backoff = Backoff(),  # noqa: B008 - immutable
+        policy: TargetPolicy | None = None,
     ) -> None:
         self._transport = transport
         # told of every REGISTER transaction that ends: its final status (None: no answer)
@@ -115,6 +117,8 @@ class BindingManager:
         self._timers = timers
         self._backoff = backoff
         self._resolver = resolver
+        # addresses REGISTERs may not go to (None: any)
+        self.policy = policy
         self._on_request = on_request
         self._rng = rng or random.Random()
         self._bindings: dict[str, Binding] = {}
@@ -258,6 +262,7 @@ class BindingManager:
                 target_uri.transport,
                 target_uri.secure,
             )
+            targets = self._allowed(targets)
             flow, index = await self._first_flow(binding, targets)
         except (ResolveError, ConnectionError, OSError, TimeoutError) as exc:
             self._no_flow(binding, _reason(exc))
@@ -276,6 +281,17 @@ class BindingManager:
             return
         session.on_timer(self._loop.time())
         self._drive(binding)
+
+    def _allowed(self, targets: list[Target]) -> list[Target]:
+        """The targets the policy allows; ConnectionError naming why if none is left."""
+        if self.policy is None:
+            return targets
+        refusals = [(t, self.policy.refusal(t.address, t.port)) for t in targets]
+        allowed = [t for t, refusal in refusals if refusal is None]
+        if not allowed and refusals:
+            target, refusal = refusals[0]
+            raise ConnectionError(f"{target.address} is {refusal}, not allowed as a registrar")
+        return allowed
 
     def _no_flow(self, binding: Binding, reason: str) -> None:
         binding._connecting = None

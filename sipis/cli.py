@@ -12,7 +12,7 @@ from pathlib import Path
 from sipis import __version__, logs
 from sipis.app import open_keys, open_store, push_providers, serve
 from sipis.audit import AuditKeys, export_lines, verify
-from sipis.config import Config, ConfigError, load_config
+from sipis.config import Config, ConfigError, load_config, with_allowed_networks
 from sipis.crypto import MasterKeyring
 from sipis.instances import stored_routing
 from sipis.progress import Progress
@@ -33,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="sipis", description="VoIP push-notification registration relay."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", parents=[common], help="run the relay")
+    serve_command = commands.add_parser("serve", parents=[common], help="run the relay")
+    serve_command.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="also allow registrars in this loopback or private network "
+        "(adds to sip.allowed_networks; e.g. 127.0.0.0/8 for a registrar on this machine)",
+    )
     commands.add_parser(
         "check-config", parents=[common], help="check every key of a configuration, then exit"
     )
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args.config)
+        if getattr(args, "allow_network", None):
+            config = with_allowed_networks(config, args.allow_network)
     except ConfigError as exc:
         print(f"sipis: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -7,10 +7,11 @@ seen rather than silently dropped.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,9 @@ class SipSection:
     tcp_port: int | None = 5060
     advertise: str | None = None
     keepalive: float = 30.0
+    # networks where registrars and outbound proxies may be even though their addresses
+    # are loopback, private or link-local (refused otherwise: sipis.transport.policy)
+    allowed_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,17 @@ def _nameservers(key: str, value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(servers)
 
 
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f'{key}: expected a list of networks such as "10.0.0.0/8"')
+    for item in value:
+        try:
+            ipaddress.ip_network(_text(key, item), strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not a network") from None
+    return tuple(value)
+
+
 def _file(key: str, value: Any) -> str | None:
     if value == "":
         return None
@@ -356,6 +371,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "tcp_port": _optional_port,
         "advertise": _optional_text,
         "keepalive": _SECONDS,
+        "allowed_networks": _networks,
     },
     "device": {
         "host": _text,
@@ -485,6 +501,13 @@ def _check_together(config: Config) -> None:
     if apns.key_file is not None and (apns.key_id is None or apns.team_id is None):
         missing = "apns.key_id" if apns.key_id is None else "apns.team_id"
         raise ConfigError(f"{missing}: required with apns.key_file")
+
+
+def with_allowed_networks(config: Config, networks: list[str]) -> Config:
+    """``config`` whose registrars may also be in ``networks`` (checked like the key)."""
+    extra = _networks("--allow-network", networks)
+    sip = replace(config.sip, allowed_networks=(*config.sip.allowed_networks, *extra))
+    return replace(config, sip=sip)
 
 
 def load_config(path: Path | None) -> Config:

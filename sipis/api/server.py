@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -35,6 +35,7 @@ from sipis.instances import (
 )
 from sipis.sip.uri import parse_sip_uri
 from sipis.store import StoreError
+from sipis.transport.policy import TargetPolicy
 
 from .openapi import document
 from .schemas import (
@@ -58,6 +59,8 @@ class ApiSettings:
     max_body: int = 64 * 1024
     create_rate: float = 10.0
     create_burst: int = 20
+    # addresses registrars and outbound proxies may not have
+    servers: TargetPolicy = field(default_factory=TargetPolicy)
 
 
 class Rejected(Exception):
@@ -280,12 +283,28 @@ class Api:
             except UnicodeDecodeError:
                 raise Rejected(400, "invalid_field", "sealed password is not UTF-8",
                                f"accounts.{index}.password_sealed") from None  # fmt: skip
-        return _spec(account, password or "")
+        return self._checked(index, account, _spec(account, password or ""))
 
     def _account_change(self, index: int, account: AccountIn) -> AccountSpec | KeepPassword:
         if not account.has_password:
-            return KeepPassword(_spec(account, ""))
+            return KeepPassword(self._checked(index, account, _spec(account, "")))
         return self._account(index, account)
+
+    def _checked(self, index: int, account: AccountIn, spec: AccountSpec) -> AccountSpec:
+        """The account, unless its registrar or outbound proxy is at an address the relay
+        does not send to (loopback, private, link-local, itself: sipis.transport.policy)."""
+        for name, uri in (("registrar", spec.registrar), ("outbound_proxy", spec.outbound_proxy)):
+            if uri is None:
+                continue
+            server = parse_sip_uri(uri)
+            port = server.port or (5061 if server.secure else 5060)
+            refusal = self._settings.servers.refusal(server.host, port)
+            if refusal is not None:
+                given = name if getattr(account, name) is not None else "aor"
+                raise Rejected(400, "invalid_field",
+                               f"{name} is {refusal}, where this relay does not send requests",
+                               f"accounts.{index}.{given}")  # fmt: skip
+        return spec
 
 
 def _spec(account: AccountIn, password: str) -> AccountSpec:

@@ -182,7 +182,12 @@ class ClusterNode:
         """The configuration, table by table."""
         settings = self.settings
         tables: dict[str, dict[str, Any]] = {
-            "sip": {"host": HOST, "udp_port": self.sip_port, "tcp_port": False},
+            "sip": {
+                "host": HOST,
+                "udp_port": self.sip_port,
+                "tcp_port": False,
+                "allowed_networks": ["127.0.0.0/8"],
+            },
             "device": {"host": HOST, "tls_port": 0, "tcp_port": 0, "udp_port": 0},
             "api": {
                 "host": HOST,

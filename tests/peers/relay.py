@@ -93,7 +93,13 @@ def relay_config(tmp_path: Path, **sections: dict[str, Any]) -> tuple[Config, Pa
     ``sections`` override or add TOML tables, e.g. ``lifecycle={"day": 1.0}``.
     """
     tables: dict[str, dict[str, Any]] = {
-        "sip": {"host": "127.0.0.1", "udp_port": 0, "tcp_port": False},
+        # the test peers run on loopback; 192.0.2.0/24 is never reached
+        "sip": {
+            "host": "127.0.0.1",
+            "udp_port": 0,
+            "tcp_port": False,
+            "allowed_networks": ["127.0.0.0/8", "::1/128", "192.0.2.0/24"],
+        },
         "device": {"host": "127.0.0.1", "tls_port": 0, "tcp_port": 0, "udp_port": 0},
         "api": {"host": "127.0.0.1", "port": 0},
         "data": {"dir": str(tmp_path / "data")},

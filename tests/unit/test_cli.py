@@ -8,8 +8,11 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from sipis import __version__
 from sipis.cli import main
+from sipis.config import ConfigError, parse_config, with_allowed_networks
 
 OPTIONS = (
     b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;rport;branch=z9hG4bKcli\r\n"
@@ -72,3 +75,12 @@ async def test_serve_answers_options_and_stops_on_sigterm(tmp_path: Path) -> Non
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             assert await process.wait() == 0
+
+
+def test_serve_allow_network_adds_to_the_configured_networks() -> None:
+    config = with_allowed_networks(
+        parse_config({"sip": {"allowed_networks": ["10.0.0.0/8"]}}), ["127.0.0.0/8"]
+    )
+    assert config.sip.allowed_networks == ("10.0.0.0/8", "127.0.0.0/8")
+    with pytest.raises(ConfigError, match="--allow-network: 'nowhere' is not a network"):
+        with_allowed_networks(config, ["nowhere"])

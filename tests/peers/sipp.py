@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
@@ -81,11 +82,16 @@ class SippError(RuntimeError):
 
 @dataclass(frozen=True)
 class SipMessage:
-    """One SIP message as sipp traced it."""
+    """One SIP message as sipp traced it.
+
+    `at` is when sipp sent or received it, as a `time.time()` value (the
+    trace's local-time stamp), or None for a message not read from a trace.
+    """
 
     direction: Literal["sent", "received"]
     transport: str
     text: str
+    at: float | None = None
 
     @property
     def start_line(self) -> str:
@@ -449,11 +455,12 @@ def _received(messages: Sequence[SipMessage], method: str | None) -> list[SipMes
 
 
 # sipp's -message_file: each message is preceded by a separator line of 47
-# dashes and a timestamp, then "UDP message received [436] bytes :" or
-# "UDP message sent (465 bytes):", an empty line, the message with its CRLF
-# line ends, and one more LF.
+# dashes and the local time ("2026-11-21 09:38:07.940350"), then "UDP
+# message received [436] bytes :" or "UDP message sent (465 bytes):", an
+# empty line, the message with its CRLF line ends, and one more LF.
 _TRACE_HEADER = re.compile(r"(?P<transport>\S+) message (?P<direction>sent|received) ")
 _SEPARATOR = "-" * 47 + " "
+_TRACE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
 def _read_messages(path: Path) -> list[SipMessage]:
@@ -462,7 +469,7 @@ def _read_messages(path: Path) -> list[SipMessage]:
     messages = []
     # Read bytes: text mode would turn the messages' CRLF line ends into LF.
     for entry in ("\n" + path.read_bytes().decode(errors="replace")).split("\n" + _SEPARATOR):
-        _timestamp, _, rest = entry.partition("\n")
+        stamp, _, rest = entry.partition("\n")
         header, _, text = rest.partition("\n\n")
         match = _TRACE_HEADER.match(header)
         if match is None:
@@ -473,7 +480,10 @@ def _read_messages(path: Path) -> list[SipMessage]:
         direction: Literal["sent", "received"] = "sent"
         if match["direction"] == "received":
             direction = "received"
-        messages.append(SipMessage(direction=direction, transport=match["transport"], text=text))
+        at = datetime.strptime(stamp.strip(), _TRACE_TIME).timestamp()
+        messages.append(
+            SipMessage(direction=direction, transport=match["transport"], text=text, at=at)
+        )
     return messages
 
 

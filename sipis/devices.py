@@ -42,7 +42,7 @@ from sipis.server_transactions import ServerTransaction
 from sipis.sip.digest import Credentials, parse_credentials
 from sipis.sip.digest_server import DigestServer, Verdict
 from sipis.sip.errors import SipError
-from sipis.sip.headers import NameAddr
+from sipis.sip.headers import NameAddr, parse_delta_seconds
 from sipis.sip.message import Request
 from sipis.sip.uas import make_response
 from sipis.sip.uri import SipUri
@@ -299,8 +299,9 @@ def _authorization(request: Request) -> Credentials | None:
 def _requested_expires(request: Request, contacts: list[NameAddr]) -> int:
     for contact in contacts:
         value = contact.params.get("expires")
-        if value is not None and value.isdigit():
-            return int(value)
+        seconds = None if value is None else parse_delta_seconds(value)
+        if seconds is not None:
+            return seconds
     header = request.expires
     return DEFAULT_EXPIRES if header is None else header
 

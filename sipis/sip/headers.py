@@ -268,9 +268,10 @@ def parse_via(text: str) -> Via:
     name, version, transport, host, port, tail = m.groups()
     if version != "2.0" or (name != "SIP" and name.upper() != "SIP"):
         raise SipError(f"unsupported protocol {name}/{version} in Via", status=505)
-    rport = _RPORT_RE.search(tail) if tail else None
-    if rport is not None and not (rport.group(1).isdigit() and int(rport.group(1)) <= 65535):
-        raise SipError(f"malformed rport in Via {text!r}")
+    # Every rport is checked: of a repeated parameter the last one counts.
+    for rport in _RPORT_RE.findall(tail) if tail else ():
+        if not (rport.isdigit() and len(rport) <= 5 and int(rport) <= 65535):
+            raise SipError(f"malformed rport in Via {text!r}")
     number = None if port is None else int(port)
     if number is not None and number > 65535:
         raise SipError(f"port {number} out of range in Via")
@@ -372,6 +373,24 @@ def parse_cseq(text: str) -> CSeq:
     if number > MAX_CSEQ:
         raise SipError("CSeq number out of range")
     return CSeq(number, m.group(2))
+
+
+MAX_DELTA_SECONDS = 2**32 - 1
+
+
+def parse_delta_seconds(text: str) -> int | None:
+    """``delta-seconds = 1*DIGIT``, capped at ``MAX_DELTA_SECONDS``; None for anything else.
+
+    At most ten significant digits are converted: a value of thousands of
+    digits is capped like any other too large one, instead of tripping
+    Python's limit on ``int()`` of long strings.
+    """
+    if not text.isascii() or not text.isdigit():
+        return None
+    digits = text.lstrip("0")
+    if len(digits) > 10:
+        return MAX_DELTA_SECONDS
+    return min(int(digits or "0"), MAX_DELTA_SECONDS)
 
 
 def parse_uint(text: str, name: str, maximum: int) -> int:

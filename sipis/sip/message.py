@@ -36,6 +36,7 @@ from .headers import (
     header_key,
     key_and_name,
     parse_cseq,
+    parse_delta_seconds,
     parse_name_addr,
     parse_uint,
     parse_via,
@@ -45,7 +46,6 @@ from .uri import SipUri, Uri, parse_uri
 MAX_MESSAGE_SIZE = 65535
 MAX_HEADER_FIELDS = 128
 MAX_FORWARDS_LIMIT = 255
-MAX_DELTA_SECONDS = 2**32 - 1
 
 _REQUEST_LINE = re.compile(rf"({TOKEN}) ([^ ]+) SIP/(\d+\.\d+)\Z")
 _STATUS_LINE = re.compile(r"SIP/(\d+\.\d+) (\d{3}) ([^\r\n]*)\Z")
@@ -182,13 +182,16 @@ class Headers:
     def pop_first(self, name: str) -> str | None:
         """Remove the first element of ``name`` and return it; None if there is none.
 
-        A field holding a comma-separated list keeps its other elements.
+        A field holding a comma-separated list keeps its other elements; an
+        empty list field (``Via:`` with no value) holds none and is passed over.
         """
         key = header_key(name)
         for position, (k, written, value) in enumerate(self._fields):
             if k != key:
                 continue
             elements = split_list(value) if key in LIST_HEADERS else [value]
+            if not elements:
+                continue
             first, rest = elements[0], elements[1:]
             if rest:
                 self._fields[position] = (k, written, ", ".join(rest))
@@ -281,9 +284,7 @@ _parse_min_expires = _one("Min-Expires", lambda v: parse_uint(v, "Min-Expires", 
 
 def _lenient_delta_seconds(values: list[str]) -> int | None:
     """Expires: a malformed or repeated value reads as absent (RFC 3261 §20.19)."""
-    if len(values) != 1 or not values[0].isascii() or not values[0].isdigit():
-        return None
-    return min(int(values[0]), MAX_DELTA_SECONDS)
+    return parse_delta_seconds(values[0]) if len(values) == 1 else None
 
 
 class Message:

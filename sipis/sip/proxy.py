@@ -99,7 +99,9 @@ def forwarded(
     hops = request.max_forwards
     if hops is not None and hops <= 0:
         raise TooManyHops()
-    copy = Request(request.method, target or request.uri, request.headers.copy(), request.body)
+    copy = Request(
+        request.method, request_uri(target or request.uri), request.headers.copy(), request.body
+    )
     copy.headers.set("Max-Forwards", str(DEFAULT_MAX_FORWARDS if hops is None else hops - 1))
     for uri in reversed(record_route):
         copy.headers.prepend("Record-Route", f"<{uri}>")
@@ -114,6 +116,14 @@ def forwarded_response(response: Response) -> Response:
     copy = Response(response.status, response.reason, response.headers.copy(), response.body)
     copy.headers.pop_first("Via")
     return copy
+
+
+def request_uri(uri: Uri) -> Uri:
+    """``uri`` fit for a Request-URI: without the headers component, which a
+    Request-URI may not carry (RFC 3261 §19.1.1 table 1; §16.6 step 2)."""
+    if not isinstance(uri, SipUri) or not uri.headers:
+        return uri
+    return SipUri(uri.host, uri.user, uri.port, uri.scheme, uri.password, dict(uri.params))
 
 
 def route_uri(host: str, port: int, transport: str) -> SipUri:
@@ -139,10 +149,10 @@ def in_dialog_request(
     ``local`` and ``remote`` are that end's From and To, tags included;
     ``route_set`` is the dialog's route set as that end sees it.
     """
-    uri = remote_target
+    uri = request_uri(remote_target)
     routes = [str(r) for r in route_set]
     if route_set and isinstance(route_set[0].uri, SipUri) and "lr" not in route_set[0].uri.params:
-        uri = route_set[0].uri
+        uri = request_uri(route_set[0].uri)
         routes = [*routes[1:], f"<{remote_target}>"]
     headers = Headers(
         [

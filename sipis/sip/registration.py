@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from .digest import Challenge, DigestClient, parse_challenge, select_challenge
 from .errors import SipError
 from .grammar import quote, unquote
-from .headers import NameAddr
+from .headers import NameAddr, parse_delta_seconds
 from .message import Request, Response
 from .transaction import DEFAULT_TIMERS, ClientNonInviteTransaction, TimedOut, Timers, new_branch
 from .uri import SipUri
@@ -359,9 +359,12 @@ class RegistrationSession:
         self.failures = 0
         self._redirects = 0
         self.registered_until = now + granted
-        self.service_route = tuple(response.header_name_addrs("Service-Route"))
+        try:
+            self.service_route = tuple(response.header_name_addrs("Service-Route"))
+        except SipError:  # malformed: ignored, as a malformed Contact is
+            self.service_route = ()
         flow_timer = response.headers.get("Flow-Timer")
-        self.flow_timer = int(flow_timer) if flow_timer and flow_timer.isdigit() else None
+        self.flow_timer = parse_delta_seconds(flow_timer) if flow_timer else None
         # Registrars count expiry in whole seconds, so keep a margin of at least
         # REFRESH_MARGIN even when the jittered fraction would leave less.
         fraction = self._rng.uniform(0.75, 0.9)
@@ -376,8 +379,9 @@ class RegistrationSession:
         for contact in contacts:
             if self._is_ours(contact):
                 value = contact.params.get("expires")
-                if value is not None and value.isdigit():
-                    return int(value)
+                seconds = None if value is None else parse_delta_seconds(value)
+                if seconds is not None:
+                    return seconds
                 break
         header = response.expires
         return header if header is not None else self._expires
@@ -417,7 +421,10 @@ class RegistrationSession:
         self._send(now, expires, keep_fresh=True)
 
     def _interval_too_brief(self, response: Response, now: float) -> None:
-        minimum = response.min_expires
+        try:
+            minimum = response.min_expires
+        except SipError:
+            minimum = None
         if minimum is None or minimum <= self._expires:
             self._fail("423 without a usable Min-Expires")
             return

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from urllib.parse import quote as _percent_encode
 from urllib.parse import unquote as _percent_decode
 
 from .errors import SipError
@@ -57,6 +58,9 @@ _STRICT_HOSTNAME = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?\Z"
 )
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# paramchar without escaped: unreserved / param-unreserved
+_PARAM_NAME_SAFE = "-_.!~*'()[]/:&+$"
+_PLAIN_PARAM_NAME = re.compile(r"[A-Za-z0-9\-_.!~*'()\[\]/:&+$]++\Z")
 _URI_PARAM_PAIRS = re.compile(rf";({_PARAMCHAR}+)(?:=({_PARAMCHAR}+))?")
 _TEL_URI = re.compile(
     r"(?P<scheme>[Tt][Ee][Ll]):(?P<number>\+?[0-9A-Fa-f*#.\-()]+)"
@@ -71,6 +75,14 @@ _SIGNIFICANT_PARAMS = ("user", "ttl", "method", "maddr", "transport")
 def unescape(text: str) -> str:
     """Percent-decode ``text`` (invalid UTF-8 survives as surrogate escapes)."""
     return _percent_decode(text, errors="surrogateescape") if "%" in text else text
+
+
+def _escape_param_name(name: str) -> str:
+    """A parameter name read by ``_parse_uri_params`` (unescaped) as a ``1*paramchar``
+    again: anything but unreserved and param-unreserved characters escaped, ``%`` too."""
+    if _PLAIN_PARAM_NAME.match(name):
+        return name
+    return _percent_encode(name, safe=_PARAM_NAME_SAFE, errors="surrogateescape")
 
 
 def _parse_uri_params(text: str) -> Params:
@@ -182,6 +194,8 @@ class SipUri:
         if self.port is not None:
             parts += [":", str(self.port)]
         for name, value in self.params.items():
+            if not (name.isascii() and name.isalnum()):  # the common names need no look
+                name = _escape_param_name(name)
             parts += [";", name] if value is None else [";", name, "=", value]
         if self.headers:
             parts += ["?", "&".join(f"{k}={v}" for k, v in self.headers)]
@@ -216,7 +230,10 @@ class TelUri:
         return (
             "tel:"
             + self.number
-            + "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params.items())
+            + "".join(
+                f";{_escape_param_name(k)}" + ("" if v is None else f"={v}")
+                for k, v in self.params.items()
+            )
         )
 
 

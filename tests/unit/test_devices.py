@@ -469,7 +469,8 @@ async def test_expires_below_the_minimum_is_too_brief(setup: Setup) -> None:
 
 
 @pytest.mark.parametrize(
-    ("expires", "contact_param"), [(86400, None), (600, "4000"), (None, "99999999999")]
+    ("expires", "contact_param"),
+    [(86400, None), (600, "4000"), (None, "99999999999"), (600, "9" * 4301)],
 )
 async def test_expires_above_the_maximum_is_clamped(
     setup: Setup, expires: int | None, contact_param: str | None

@@ -46,6 +46,7 @@ from sipis.sip.registration import RegistrationState
 from sipis.store.base import ClusterStore, Store
 from sipis.store.postgres import PostgresStore
 from sipis.store.sqlite import SqliteStore
+from sipis.transport.admission import ConnectionLimits
 from sipis.transport.flow import Flow
 from sipis.transport.layer import TransportLayer, TransportSettings
 from sipis.transport.policy import TargetPolicy
@@ -184,6 +185,11 @@ async def start_relay(
             tcp_port=sip.tcp_port,
             advertise=sip.advertise,
             keepalive=sip.keepalive,
+            limits=ConnectionLimits(
+                max_connections=sip.max_connections,
+                max_per_source=sip.max_connections_per_source,
+                idle_timeout=sip.idle_timeout,
+            ),
         ),
     )
     resolver = Resolver(list(config.dns.nameservers) or None, timeout=config.dns.timeout)
@@ -233,6 +239,12 @@ async def start_relay(
             keepalive=device.keepalive,
             server_tls=None if device.tls_port is None else _device_tls(config),
             ping_accepted=True,
+            limits=ConnectionLimits(
+                max_connections=device.max_connections,
+                max_per_source=device.max_connections_per_source,
+                handshake_timeout=device.handshake_timeout,
+                idle_timeout=device.idle_timeout,
+            ),
         ),
     )
     await device_transport.start()

@@ -36,6 +36,11 @@ class SipSection:
     # networks where registrars and outbound proxies may be even though their addresses
     # are loopback, private or link-local (refused otherwise: sipis.transport.policy)
     allowed_networks: tuple[str, ...] = ()
+    # connections peers open to the TCP port: in all, per source address (IPv6: per /64),
+    # and seconds one may stay unused before it is closed (sipis.transport.admission)
+    max_connections: int = 1024
+    max_connections_per_source: int = 64
+    idle_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,13 @@ class DeviceSection:
     keepalive: float = 30.0
     grace: float = 10.0
     max_failures: int = 10
+    # connections apps open to the TLS and TCP ports: in all, per source address (IPv6:
+    # per /64), seconds to finish a TLS handshake, and seconds a connection with no
+    # registration over it may stay unused before it is closed (sipis.transport.admission)
+    max_connections: int = 4096
+    max_connections_per_source: int = 64
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 30.0
 
     def __repr__(self) -> str:
         return f"DeviceSection(host={self.host!r}, tls_port={self.tls_port})"
@@ -347,6 +359,7 @@ def _level(key: str, value: Any) -> str:
 
 
 _SECONDS = _number(0, 86400)
+_CONNECTIONS = _count(1, 1_000_000)
 
 
 def _store_url(key: str, value: Any) -> str | None:
@@ -372,6 +385,9 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "advertise": _optional_text,
         "keepalive": _SECONDS,
         "allowed_networks": _networks,
+        "max_connections": _CONNECTIONS,
+        "max_connections_per_source": _CONNECTIONS,
+        "idle_timeout": _SECONDS,
     },
     "device": {
         "host": _text,
@@ -386,6 +402,10 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "keepalive": _SECONDS,
         "grace": _number(0, 600),
         "max_failures": _count(1, 10000),
+        "max_connections": _CONNECTIONS,
+        "max_connections_per_source": _CONNECTIONS,
+        "handshake_timeout": _number(0, 600),
+        "idle_timeout": _SECONDS,
     },
     "dns": {"nameservers": _nameservers, "timeout": _SECONDS},
     "api": {

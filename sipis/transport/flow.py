@@ -39,6 +39,11 @@ class Flow:
     def reliable(self) -> bool:
         return self.local.transport != "udp"
 
+    @property
+    def in_use(self) -> bool:
+        """Whether anything depends on the flow (subscribed with ``on_close``): a registration."""
+        return bool(self._listeners)
+
     def send(self, data: bytes) -> None:
         raise NotImplementedError
 

@@ -4,15 +4,24 @@
 flows are shared: every binding towards the same (transport, address, port,
 TLS name, verification) uses one connection, and concurrent callers wait for
 the same connect.  Everything received, on any flow, goes to ``dispatch``.
+
+Connections peers open to the listeners are counted by one ``Admission``
+and held to ``TransportSettings.limits`` (see ``sipis.transport.stream``).
+For those limits to be what refuses connections, rather than running out
+of file descriptors (after which asyncio stops accepting on every socket
+for a while), ``start`` raises the process's soft open-file limit to its
+hard limit, and warns when even that leaves too few.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .admission import Admission, ConnectionLimits
 from .flow import Flow
 from .resolver import Target
 from .stream import StreamFlow, open_stream, stream_server_factory
@@ -21,6 +30,14 @@ from .udp import Dispatch, UdpEndpoint
 log = logging.getLogger(__name__)
 
 _PoolKey = tuple[str, str, int, str, bool]
+
+# Descriptors wanted beyond the connection limit: the other side's listeners and
+# connections, the API, the store, outgoing flows, files.
+DESCRIPTOR_HEADROOM = 1024
+# Connections the kernel queues until they are accepted (and counted, or refused) during
+# a burst; asyncio's default of 100 would drop the handshakes of a burst, legitimate ones
+# included.  The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +55,7 @@ class TransportSettings:
     connect_timeout: float = 5.0
     ca_file: str | None = None
     server_tls: ssl.SSLContext | None = None
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 class TransportLayer:
@@ -50,7 +68,7 @@ class TransportLayer:
         self._servers: list[asyncio.Server] = []
         self._pool: dict[_PoolKey, StreamFlow] = {}
         self._connecting: dict[_PoolKey, asyncio.Task[StreamFlow]] = {}
-        self._accepted: set[StreamFlow] = set()
+        self.admission = Admission(settings.limits)
         self._tls_verified = ssl.create_default_context(cafile=settings.ca_file)
         self._tls_verified.minimum_version = ssl.TLSVersion.TLSv1_2
         self._tls_unverified = ssl.create_default_context()
@@ -61,20 +79,31 @@ class TransportLayer:
         s = self.settings
         if s.udp_port is not None:
             self.udp = await UdpEndpoint.open(s.host, s.udp_port, self._dispatch, s.advertise)
+        if s.tcp_port is None and s.tls_port is None:
+            return
+        if s.tls_port is not None and s.server_tls is None:
+            raise ValueError("a TLS port needs a server certificate")
+        self._check_descriptors()
         loop = asyncio.get_running_loop()
         keepalive = s.keepalive if s.ping_accepted else None
-        if s.tcp_port is not None:
-            factory = stream_server_factory(
-                self._dispatch, tls=None, keepalive=keepalive, accepted=self._accept
+        for port, tls in ((s.tcp_port, None), (s.tls_port, s.server_tls)):
+            if port is not None:
+                factory = stream_server_factory(
+                    self._dispatch, tls=tls, keepalive=keepalive, admission=self.admission
+                )
+                server = await loop.create_server(factory, s.host, port, backlog=LISTEN_BACKLOG)
+                self._servers.append(server)
+
+    def _check_descriptors(self) -> None:
+        available = raise_descriptor_limit()
+        wanted = self.settings.limits.max_connections + DESCRIPTOR_HEADROOM
+        if available < wanted:
+            log.warning(
+                "only %d open files allowed: connections may fail before the limit of %d is "
+                "reached (raise LimitNOFILE or lower max_connections)",
+                available,
+                self.settings.limits.max_connections,
             )
-            self._servers.append(await loop.create_server(factory, s.host, s.tcp_port))
-        if s.tls_port is not None:
-            if s.server_tls is None:
-                raise ValueError("a TLS port needs a server certificate")
-            factory = stream_server_factory(
-                self._dispatch, tls=s.server_tls, keepalive=keepalive, accepted=self._accept
-            )
-            self._servers.append(await loop.create_server(factory, s.host, s.tls_port))
 
     @property
     def listening(self) -> dict[str, int]:
@@ -129,22 +158,35 @@ class TransportLayer:
         flow.on_close(unpool)
         return flow
 
-    def _accept(self, flow: StreamFlow) -> None:
-        self._accepted.add(flow)
-        flow.on_close(self._accepted.discard)
-
     @property
     def connections(self) -> int:
-        return len(self._pool) + len(self._accepted)
+        """Connections held: pooled ones this side opened, and accepted ones (in handshake too)."""
+        return len(self._pool) + len(self.admission)
 
     async def close(self) -> None:
         for server in self._servers:
             server.close()
         for task in list(self._connecting.values()):
             task.cancel()
-        for flow in [*self._pool.values(), *self._accepted]:
+        for flow in [*self._pool.values(), *self.admission.flows]:
             flow.close()
         if self.udp is not None:
             self.udp.close()
         for server in self._servers:
             await server.wait_closed()
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; return the soft limit.
+
+    The soft limit is often 1024 while the hard limit allows far more; a
+    server holding thousands of connections is expected to raise it itself.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and soft != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        soft = hard
+    return 2**31 - 1 if soft == resource.RLIM_INFINITY else soft

@@ -97,14 +97,14 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if not data.strip(b"\r\n"):
             return  # CRLF keepalive
-        remote = (addr[0], addr[1])
-        flow = self._flows.get(remote) or UdpFlow(self, self._local_for(remote[0]), remote)
         try:
             message: Message | ParseError = parse_message(data)
         except ParseError as exc:
             message = exc
         except SipError:
             return
+        remote = (addr[0], addr[1])
+        flow = self._flows.get(remote) or UdpFlow(self, self._local_for(remote[0]), remote)
         self._dispatch(message, flow)
 
     def error_received(self, exc: Exception) -> None:

@@ -31,6 +31,7 @@ delivery receipts stored without a push; bodies over the limit get 413.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable
@@ -331,7 +332,12 @@ class Calls:
         instance_id, account_id = binding.key.split("/", 1)
         try:
             await self._instances.queue_message(
-                instance_id, account_id, str(request.from_.uri), content_type, request.body
+                instance_id,
+                account_id,
+                str(request.from_.uri),
+                content_type,
+                request.body,
+                request_key=_request_key(request),
             )
         except (StoreError, InstanceGone) as exc:
             log.warning("message for instance %s not stored: %s", instance_id, type(exc).__name__)
@@ -420,3 +426,11 @@ def _carries_receipt(request: Request) -> bool:
     """A CPIM-wrapped IMDN delivery or display notification (RFC 5438)."""
     content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     return content_type == "message/cpim" and RECEIPT.encode() in request.body.lower()
+
+
+def _request_key(request: Request) -> str:
+    """What identifies a request across retransmissions (RFC 3261 §17.2.3 without the
+    branch, which a proxy may change): Call-ID, From tag and CSeq, hashed."""
+    cseq = request.cseq
+    identity = f"{request.call_id}\n{request.from_.tag}\n{cseq.number} {cseq.method}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]

@@ -523,7 +523,6 @@ class Instances:
                 "accounts": len(row.accounts),
                 "push_tokens": self._token_count(row),
                 "payload_key": int(row.payload_key is not None),
-                "queued_messages": await self._store.count_messages(instance_id),
                 "data_key": 1,
             }
             try:
@@ -610,24 +609,42 @@ class Instances:
         return None if live is None else live.routing
 
     async def queue_message(
-        self, instance_id: str, account_id: str, sender: str, content_type: str, body: bytes
+        self,
+        instance_id: str,
+        account_id: str,
+        sender: str,
+        content_type: str,
+        body: bytes,
+        *,
+        request_key: str | None = None,
     ) -> int:
-        """Store a MESSAGE for the app, encrypted under the instance's data key."""
-        row = await self._store.get(instance_id)
-        if row is None:
-            raise InstanceGone(instance_id)
+        """Store a MESSAGE for the app, encrypted under the instance's data key, once per
+        ``request_key``.  Taken in turn with an erasure: a MESSAGE arriving while its
+        instance is erased is refused (InstanceGone), never stored after the count."""
+        async with self._lock(instance_id):
+            row = await self._store.get(instance_id)
+            if row is None:
+                raise InstanceGone(instance_id)
+            return await self._store.queue_message(
+                row.id,
+                account_id,
+                self._clock(),
+                self._seal_message(row, account_id, sender, content_type, body),
+                key=request_key,
+                fence=self._fence_for(row.id),
+            )
+
+    def _seal_message(
+        self, row: InstanceRow, account_id: str, sender: str, content_type: str, body: bytes
+    ) -> bytes:
         key = self._keyring.unwrap(row.id, row.data_key)
-        received = self._clock()
         content = json.dumps(
             {"from": sender, "type": content_type, "body": base64.b64encode(body).decode()}
         ).encode()
         try:
-            sealed = key.encrypt(row.id, f"message:{account_id}", content)
+            return key.encrypt(row.id, f"message:{account_id}", content)
         finally:
             key.destroy()
-        return await self._store.queue_message(
-            row.id, account_id, received, sealed, fence=self._fence_for(row.id)
-        )
 
     async def delivered(self, instance_id: str, message_id: int) -> None:
         """The app took a queued message: erase it."""

@@ -98,8 +98,9 @@ class Store(Protocol):
     ) -> PurgeEntry | None:
         """Delete the instance and append its purge-log entry, in one transaction.
 
-        Returns the entry, or None when the instance was already gone (then
-        nothing is written).
+        The entry's ``erased`` counts get ``queued_messages``, counted in the same
+        transaction.  Returns the entry, or None when the instance was already gone
+        (then nothing is written).
         """
 
     async def purge_log(self, after: int = 0) -> list[PurgeEntry]: ...
@@ -127,17 +128,18 @@ class Store(Protocol):
         received_at: float,
         content: bytes,
         *,
+        key: str | None = None,
         fence: Fence | None = None,
     ) -> int:
-        """Keep an encrypted message for the instance; returns its id.  With ``fence``,
-        only while that lease is held (else ``Fenced``)."""
+        """Keep an encrypted message for the instance; returns its id.  A ``key`` (the
+        request's identity) is kept once: the same request again returns the first one's
+        id, so a retransmission after a crash is not stored twice.  With ``fence``, only
+        while that lease is held (else ``Fenced``)."""
 
     async def messages(self, instance_id: str) -> list[tuple[int, str, float, bytes]]:
         """(id, account id, received at, encrypted content), oldest first."""
 
     async def delete_message(self, message_id: int) -> None: ...
-
-    async def count_messages(self, instance_id: str) -> int: ...
 
     async def counts(self) -> dict[str, int]:
         """Instances by platform and paused state, and purge-log entries by reason."""

@@ -174,6 +174,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (instance_id, account_id)
     );
     """,
+    """
+    ALTER TABLE messages ADD COLUMN request_key text;
+    CREATE UNIQUE INDEX messages_by_request ON messages (instance_id, request_key);
+    """,
 )
 
 _INSTANCE_SELECT = (
@@ -441,9 +445,13 @@ class PostgresStore:
     ) -> PurgeEntry | None:
         async with self._transaction("erasure") as db:
             await db.execute("SELECT pg_advisory_xact_lock($1)", _PURGE_LOCK)
+            queued = await db.fetchval(
+                "SELECT count(*) FROM messages WHERE instance_id=$1", instance_id
+            )
             deleted = await db.execute("DELETE FROM instances WHERE id=$1", instance_id)
             if _rows_changed(deleted) != 1:
                 return None
+            erased = {**erased, "queued_messages": queued}
             last = await db.fetchrow(
                 "SELECT seq, at, reason, subject, erased, prev_hash, hash FROM purge_log "
                 "ORDER BY seq DESC LIMIT 1"
@@ -518,16 +526,24 @@ class PostgresStore:
         received_at: float,
         content: bytes,
         *,
+        key: str | None = None,
         fence: Fence | None = None,
     ) -> int:
         async with self._transaction("write") as db:
             if fence is not None:
                 await _hold(db, instance_id, fence)
-            message_id: int = await db.fetchval(
-                "INSERT INTO messages (instance_id, account_id, received_at, content) "
-                "VALUES ($1, $2, $3, $4) RETURNING id",
-                instance_id, account_id, received_at, content,
+            message_id: int | None = await db.fetchval(
+                "INSERT INTO messages (instance_id, account_id, received_at, content, "
+                "request_key) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (instance_id, request_key) DO NOTHING RETURNING id",
+                instance_id, account_id, received_at, content, key,
             )  # fmt: skip
+            if message_id is None:  # the same request, stored before
+                message_id = await db.fetchval(
+                    "SELECT id FROM messages WHERE instance_id=$1 AND request_key=$2",
+                    instance_id, key,
+                )  # fmt: skip
+        assert message_id is not None
         return message_id
 
     async def messages(self, instance_id: str) -> list[tuple[int, str, float, bytes]]:
@@ -540,10 +556,6 @@ class PostgresStore:
 
     async def delete_message(self, message_id: int) -> None:
         await self._execute("DELETE FROM messages WHERE id=$1", message_id)
-
-    async def count_messages(self, instance_id: str) -> int:
-        [row] = await self._fetch("SELECT count(*) FROM messages WHERE instance_id=$1", instance_id)
-        return int(row[0])
 
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

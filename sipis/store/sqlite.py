@@ -81,6 +81,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE instances ADD COLUMN digest BLOB;
     """,
+    """
+    ALTER TABLE messages ADD COLUMN request_key TEXT;
+    CREATE UNIQUE INDEX messages_by_request ON messages (instance_id, request_key);
+    """,
 )
 
 _INSTANCE_COLUMNS = (
@@ -239,12 +243,17 @@ class SqliteStore:
     ) -> PurgeEntry | None:
         entry: PurgeEntry | None = None
         async with self._transaction() as db:
+            async with db.execute(
+                "SELECT count(*) FROM messages WHERE instance_id=?", (instance_id,)
+            ) as counting:
+                [queued] = await counting.fetchone() or (0,)
             cursor = await db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
             if cursor.rowcount != 1:
                 await db.execute("ROLLBACK")
                 raise _RolledBack
             last = await self._last_entry()
-            entry = new_entry(last, at=at, reason=reason, subject=subject, erased=dict(erased))
+            counts = {**erased, "queued_messages": queued}
+            entry = new_entry(last, at=at, reason=reason, subject=subject, erased=counts)
             await db.execute(
                 "INSERT INTO purge_log (seq, at, reason, subject, erased, prev_hash, hash) "
                 "VALUES (?,?,?,?,?,?,?)",
@@ -314,16 +323,25 @@ class SqliteStore:
         received_at: float,
         content: bytes,
         *,
+        key: str | None = None,
         fence: Fence | None = None,
     ) -> int:
         """``fence`` is ignored: one SQLite node owns every shard."""
         async with self._transaction() as db:
             cursor = await db.execute(
-                "INSERT INTO messages (instance_id, account_id, received_at, content) "
-                "VALUES (?,?,?,?)",
-                (instance_id, account_id, received_at, content),
+                "INSERT INTO messages (instance_id, account_id, received_at, content, "
+                "request_key) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (instance_id, request_key) DO NOTHING",
+                (instance_id, account_id, received_at, content, key),
             )
-            message_id = cursor.lastrowid
+            message_id = cursor.lastrowid if cursor.rowcount == 1 else None
+            if message_id is None:  # the same request, stored before
+                async with db.execute(
+                    "SELECT id FROM messages WHERE instance_id=? AND request_key=?",
+                    (instance_id, key),
+                ) as found:
+                    row = await found.fetchone()
+                message_id = None if row is None else row[0]
         assert message_id is not None
         return message_id
 
@@ -337,12 +355,6 @@ class SqliteStore:
 
     async def delete_message(self, message_id: int) -> None:
         await self._write([("DELETE FROM messages WHERE id=?", (message_id,))])
-
-    async def count_messages(self, instance_id: str) -> int:
-        rows = await self._query(
-            "SELECT count(*) FROM messages WHERE instance_id=?", (instance_id,)
-        )
-        return int(rows[0][0])
 
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -21,7 +21,7 @@ import pytest
 from sipis.audit import AuditKeys, make_checkpoint, verify
 from sipis.shards import SHARDS, shard_of
 from sipis.store.base import BindingStateRow, Change, Fence, Fenced, NodeRow, StoreError
-from sipis.store.postgres import PostgresStore, redacted
+from sipis.store.postgres import MIGRATIONS, PostgresStore, redacted
 from tests.peers.loopback import HOST, free_port
 from tests.secrets import remember
 from tests.unit.test_store import row
@@ -68,7 +68,9 @@ async def test_nodes_starting_together_migrate_once(pg_url: str) -> None:
     try:
         connection = await asyncpg.connect(pg_url, timeout=WAIT)
         try:
-            assert await connection.fetchval("SELECT count(*) FROM schema_version") == 1
+            assert await connection.fetchval("SELECT count(*) FROM schema_version") == len(
+                MIGRATIONS
+            )
             assert await connection.fetchval("SELECT count(*) FROM shards") == SHARDS
         finally:
             await connection.close()

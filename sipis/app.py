@@ -202,6 +202,7 @@ async def start_relay(
         on_request=inbound.handle,
         on_exchange=metrics.register_exchange,
         on_state=binding_changed if config.clustered else None,
+        register_rate=sip.register_rate,
     )
 
     # The device side: apps registering, and their half of each dialog.
@@ -316,7 +317,18 @@ async def start_relay(
     if cluster is None:
         started = await instances.start(spread=life.startup_spread)
         if started:
-            log.info("registering %d stored account(s) over %.0f s", started, life.startup_spread)
+            paced = bindings.pacer.span(started)
+            log.info(
+                "registering %d stored account(s) over %.0f s",
+                started,
+                paced or life.startup_spread,
+            )
+            if paced > life.startup_spread:
+                log.warning(
+                    "%d accounts at sip.register_rate %g/s take %.0f s, longer than "
+                    "lifecycle.startup_spread (%.0f s)",
+                    started, sip.register_rate, paced, life.startup_spread,
+                )  # fmt: skip
     else:
         await instances.start(spread=life.startup_spread)
         await cluster.start(instances)
@@ -581,6 +593,7 @@ def _snapshot(
         erasures=dict(instances.erasures),
         purge_log_entries=instances.purge_entries,
         checkpoint_age=None if checkpointed is None else max(0.0, time.time() - checkpointed),
+        register_backlog=bindings.pacer.backlog(now),
     )
 
 

@@ -16,6 +16,12 @@ bindings (``TransportLayer`` pools them); when one dies, every binding on it
 re-registers through a new one.  Responses find their binding by Call-ID;
 requests go to ``on_request``.
 
+New REGISTER transactions (initial, refresh, retry; not the answer to a
+challenge, nor an un-REGISTER) leave at most ``register_rate`` per second
+(``sipis.pacer``): a binding whose time has come takes the next slot, and
+when that slot lies ahead its timer is moved to it.  Hence a restart, a
+take-over or the end of an outage reaches the registrar as a steady rate.
+
 A node of a cluster may send REGISTERs only while it holds the leases of
 its shards.  While ``may_send`` says no (a node that was paused past its
 lease and has not yet learnt whether it still holds them), timers are put
@@ -30,6 +36,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 
+from sipis.pacer import Pacer
 from sipis.scheduler import Scheduler
 from sipis.sip.message import Message, ParseError, Request, Response
 from sipis.sip.registration import (
@@ -67,6 +74,7 @@ class Binding:
         "manager",
         "reported",
         "session",
+        "slot",
         "verify_tls",
     )
 
@@ -85,6 +93,8 @@ class Binding:
         self._stopped: asyncio.Future[None] | None = None
         # the state ``on_state`` was last told of
         self.reported: RegistrationState | None = None
+        # the time the pacer reserved for this binding's next REGISTER, while it waits
+        self.slot: float | None = None
 
     def flow_lost(self, flow: Flow) -> None:
         """Close listener of the binding's flow (a bound method, so it can be forgotten)."""
@@ -106,6 +116,7 @@ class BindingManager:
         timers: Timers = DEFAULT_TIMERS,
         backoff: Backoff = Backoff(),  # noqa: B008 - immutable
         policy: TargetPolicy | None = None,
+        register_rate: float = 0.0,
     ) -> None:
         self._transport = transport
         # told of every REGISTER transaction that ends: its final status (None: no answer)
@@ -114,6 +125,8 @@ class BindingManager:
         # told whenever a binding's registration state changes
         self._on_state = on_state
         self.may_send: Callable[[], bool] = lambda: True
+        # new REGISTERs per second, at most (0: no limit)
+        self.pacer = Pacer(register_rate)
         self._timers = timers
         self._backoff = backoff
         self._resolver = resolver
@@ -223,6 +236,11 @@ class BindingManager:
             and binding.key in self._bindings
         ):
             binding._connecting = asyncio.ensure_future(self._open_flow(binding))
+        if binding.slot is not None:
+            if deadline is not None and session.register_due(now):
+                deadline = binding.slot  # waiting for its turn
+            else:
+                binding.slot = None
         self._scheduler.schedule(binding, deadline if binding._connecting is None else None)
         stopped = binding._stopped
         if (
@@ -240,10 +258,23 @@ class BindingManager:
             self._on_state(binding)
 
     def _fire(self, binding: Binding) -> None:
-        if self._held(binding):
+        if self._held(binding) or self._paced(binding):
             return
         binding.session.on_timer(self._loop.time())
         self._drive(binding)
+
+    def _paced(self, binding: Binding) -> bool:
+        """Hold a new REGISTER back until the binding's slot; False if it may leave now."""
+        now = self._loop.time()
+        if not binding.session.register_due(now):
+            return False
+        if binding.slot is None:
+            binding.slot = self.pacer.slot(now)
+        if binding.slot <= now:
+            binding.slot = None
+            return False
+        self._scheduler.schedule(binding, binding.slot)
+        return True
 
     def _held(self, binding: Binding) -> bool:
         """Put the binding's timer off if REGISTERs may not leave now."""
@@ -277,10 +308,7 @@ class BindingManager:
             return
         binding._target_index = index
         self._use_flow(binding, flow)
-        if self._held(binding):
-            return
-        session.on_timer(self._loop.time())
-        self._drive(binding)
+        self._fire(binding)
 
     def _allowed(self, targets: list[Target]) -> list[Target]:
         """The targets the policy allows; ConnectionError naming why if none is left."""

@@ -41,6 +41,9 @@ class SipSection:
     max_connections: int = 1024
     max_connections_per_source: int = 64
     idle_timeout: float = 300.0
+    # new REGISTERs (initial, refresh, retry) sent per second at most, by all bindings
+    # together (sipis.pacer); 0: no limit
+    register_rate: float = 500.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,9 @@ class LifecycleSection:
     day: float = DAY
     sweep_interval: float = 15.0
     unregister_wait: float = 5.0
-    startup_spread: float = 60.0
+    # at start-up, stored accounts register over at most this many seconds (fewer when
+    # sip.register_rate lets them register sooner)
+    startup_spread: float = 600.0
     # on shutdown, un-REGISTER every binding (else they stay registered until they expire,
     # so calls still reach a node that comes back in time)
     unregister_on_shutdown: bool = False
@@ -241,10 +246,18 @@ def _flag(key: str, value: Any) -> bool:
     return value
 
 
-def _number(low: float, high: float) -> Callable[[str, Any], float]:
+def _number(low: float, high: float, *, low_allowed: bool = False) -> Callable[[str, Any], float]:
+    """A number above ``low`` (or equal to it, with ``low_allowed``) and at most ``high``."""
+    bounds = f"{'[' if low_allowed else '('}{low:g}, {high:g}]"
+
     def check(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low < value <= high:
-            raise ConfigError(f"{key}: expected a number in ({low:g}, {high:g}], got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (low <= value if low_allowed else low < value)
+            or not value <= high
+        ):
+            raise ConfigError(f"{key}: expected a number in {bounds}, got {value!r}")
         return float(value)
 
     return check
@@ -388,6 +401,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "max_connections": _CONNECTIONS,
         "max_connections_per_source": _CONNECTIONS,
         "idle_timeout": _SECONDS,
+        "register_rate": _number(0, 100000, low_allowed=True),
     },
     "device": {
         "host": _text,
@@ -426,7 +440,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "day": _number(0, DAY),
         "sweep_interval": _SECONDS,
         "unregister_wait": _SECONDS,
-        "startup_spread": _number(-1, DAY),
+        "startup_spread": _number(0, DAY, low_allowed=True),
         "unregister_on_shutdown": _flag,
     },
     "keys": {"hpke_grace_days": _number(0, 365), "dir": _optional_text},
@@ -434,7 +448,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "cluster": {
         "node": _node_name,
         "lease": _number(1, 3600),
-        "takeover_spread": _number(-1, 3600),
+        "takeover_spread": _number(0, 3600, low_allowed=True),
     },
     "push": {
         "ring_timeout": _number(0, 600),

@@ -258,16 +258,24 @@ class Instances:
 
     # -- start-up -------------------------------------------------------------------
 
-    async def start(self, *, spread: float = 60.0) -> int:
-        """Register every active instance's accounts, spread over ``spread`` seconds."""
+    async def start(self, *, spread: float = 600.0) -> int:
+        """Register every active instance's accounts, spread over at most ``spread`` seconds."""
         self.purge_entries, self.checkpointed_at = await self._store.purge_status()
         return self.adopt(await self._store.all(), spread=spread)
 
     def adopt(self, rows: list[InstanceRow], *, spread: float) -> int:
-        """Hold the owned ones of ``rows`` live and register their accounts, spread over
-        ``spread`` seconds; returns how many accounts start registering."""
+        """Hold the owned ones of ``rows`` live and register their accounts; returns how
+        many accounts start registering.
+
+        They are spread over ``spread`` seconds, or over the time the REGISTER rate
+        needs for them when that is shorter: a few accounts register at once, many go
+        out at the rate's steady pace (the pacer holds that rate either way).
+        """
         rows = [r for r in rows if r.id not in self._live and self._owns(r.id)]
         count = sum(len(r.accounts) for r in rows if not r.paused)
+        paced = self._bindings.pacer.span(count)
+        if paced:
+            spread = min(spread, paced)
         started = 0
         for row in rows:
             try:

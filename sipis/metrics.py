@@ -123,6 +123,7 @@ class Snapshot:
     erasures: Mapping[str, int]  # by reason, since the node started
     purge_log_entries: int
     checkpoint_age: float | None  # seconds since the last signed checkpoint
+    register_backlog: float  # seconds until the REGISTERs waiting for the rate have left
 
 
 class _SnapshotCollector(Collector):
@@ -155,6 +156,11 @@ class _SnapshotCollector(Collector):
             "sipis_purge_log_entries",
             "Entries in the purge log",
             value=snapshot.purge_log_entries,
+        )
+        yield GaugeMetricFamily(
+            "sipis_register_backlog_seconds",
+            "Seconds until the REGISTERs waiting for sip.register_rate have all been sent",
+            value=snapshot.register_backlog,
         )
         if snapshot.checkpoint_age is not None:
             yield GaugeMetricFamily(

@@ -261,12 +261,24 @@ class RegistrationSession:
             if isinstance(outcome, TimedOut):
                 self.completed = (None, now - self._sent_at)
                 self._no_answer(now, outcome.reason)
-        if self._register_at is not None and now >= self._register_at and self._txn is None:
-            if self._local is None or self.needs_flow:
-                return
+        if self.register_due(now):
             self._register_at = None
             self._auth_rounds = 0
             self._send(now, self._expires)
+
+    def register_due(self, now: float) -> bool:
+        """Whether ``on_timer(now)`` starts a new REGISTER transaction.
+
+        A REGISTER answering a challenge is sent by ``receive`` at once and
+        is not one of these; an initial REGISTER, a refresh and a retry are.
+        """
+        return (
+            self._register_at is not None
+            and now >= self._register_at
+            and self._txn is None
+            and self._local is not None
+            and not self.needs_flow
+        )
 
     def flow_failed(self, now: float, reason: str) -> None:
         """No flow could be opened towards the target: back off as for an unanswered request."""

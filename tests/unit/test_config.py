@@ -43,12 +43,31 @@ def test_file_overrides(tmp_path: Path) -> None:
         ({"cluster": {"lease": 0.5}}, "cluster.lease"),
         ({"dns": {"nameservers": ["127.0.0.1:x"]}}, "dns.nameservers"),
         ({"log": {"level": "loud"}}, "log.level"),
+        ({"sip": {"register_rate": -1}}, "sip.register_rate"),
+        ({"lifecycle": {"startup_spread": -0.5}}, "lifecycle.startup_spread"),
+        ({"cluster": {"takeover_spread": -0.5}}, "cluster.takeover_spread"),
         ({"sip": 5}, "sip"),
     ],
 )
 def test_errors_name_the_key(data: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}:"):
         parse_config(data)
+
+
+def test_zero_rate_and_spreads_are_allowed() -> None:
+    config = parse_config(
+        {
+            "sip": {"register_rate": 0},
+            "lifecycle": {"startup_spread": 0},
+            "cluster": {"takeover_spread": 0},
+        }
+    )
+    assert (config.sip.register_rate, config.lifecycle.startup_spread) == (0.0, 0.0)
+    assert config.cluster.takeover_spread == 0.0
+    with pytest.raises(
+        ConfigError, match=r"^sip.register_rate: expected a number in \[0, 100000\]"
+    ):
+        parse_config({"sip": {"register_rate": 100001}})
 
 
 def test_unknown_keys_are_warned_not_fatal() -> None:

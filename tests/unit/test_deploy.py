@@ -53,6 +53,7 @@ GAUGES = (
     "sipis_bindings",
     "sipis_devices_registered",
     "sipis_dialogs",
+    "sipis_register_backlog_seconds",
     "sipis_purge_log_entries",
     "sipis_purge_log_checkpoint_age_seconds",
     "sipis_push_credential_expiry_timestamp_seconds",

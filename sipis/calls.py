@@ -35,7 +35,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from sipis.bindings import Binding, BindingManager
@@ -84,7 +84,6 @@ class HeldCall:
     caller_name: str | None
     ends_at: float
     ringing: bool = True
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -207,7 +206,7 @@ class Calls:
         )
         self._held[identity] = call
         call.timer = self._loop.call_at(call.ends_at, self._ring_out, call)
-        self._in_call(call, self._push_call(call))
+        self._later(self._push_call(call))
         if self.handoff is not None:
             self.handoff.call_held(call)
 
@@ -229,7 +228,9 @@ class Calls:
         status = "failed"
         if push is not None:
             self._metrics.invite_to_push.observe(self._loop.time() - call.transaction.arrived)
-            outcome = await self._sender.send(push, deadline=call.ends_at)
+            outcome = await self._sender.send(
+                push, deadline=call.ends_at, wanted=lambda: call.ringing
+            )
             status = "sent" if isinstance(outcome, Delivered) else "failed"
         if call.ringing:
             call.transaction.respond(
@@ -383,12 +384,6 @@ class Calls:
 
     # -- tasks ---------------------------------------------------------------------------
 
-    def _in_call(self, call: HeldCall, work: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(work)
-        call.tasks.add(task)
-        task.add_done_callback(call.tasks.discard)
-        task.add_done_callback(_log_failure)
-
     def _later(self, work: Awaitable[object]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(_discard(work))
         self._background.add(task)
@@ -399,9 +394,9 @@ class Calls:
         for call in list(self._held.values()):
             if call.ringing:
                 self._end(call, 480, "missed")
-        tasks = [*self._background, *(t for c in self._held.values() for t in c.tasks)]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # every push in flight, those of the calls just ended included
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
 
 async def _discard(work: Awaitable[object]) -> None:

@@ -34,7 +34,8 @@ fails inside a running loop).  ``_FcmHttp`` trusts the configured CA, sends
 to the configured base URL, refreshes the token (at the service account's
 ``token_uri``, or the one configured) in a worker thread, caches it until
 shortly before it expires, and makes one attempt per push: retrying is the
-sender's job.
+sender's job.  Its connections close themselves when a push's timeout
+cancels their TLS handshake (``_ClosingTlsStream``).
 
 Outcomes: success is ``Delivered(<message name>)``; UNREGISTERED is
 ``TokenInvalid``; 429 (QUOTA_EXCEEDED), 5xx (UNAVAILABLE, INTERNAL), 401
@@ -53,10 +54,12 @@ import logging
 import ssl
 import uuid
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import firebase_admin  # type: ignore[import-untyped]
+import httpcore
 import httpx
 import requests
 from firebase_admin import credentials, exceptions, messaging
@@ -137,6 +140,75 @@ class _TokenEndpointRequest(AuthRequest):
         return response
 
 
+class _ClosingTlsBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's AnyIO network backend, whose connections are ``_ClosingTlsStream``s."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _ClosingTlsStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+class _ClosingTlsStream(httpcore.AsyncNetworkStream):
+    """A TCP connection that is closed when its TLS handshake is cancelled.
+
+    A push that runs out of time cancels its request wherever it is.
+    httpcore 1.0 closes the TCP connection of a TLS handshake that fails,
+    but not of one that is cancelled: its socket stays open until the
+    garbage collector finds it, one socket per timed-out push for as long
+    as FCM (or a middlebox) accepts connections and never completes the
+    handshake.
+    """
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+        self._stream = stream
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            return await self._stream.start_tls(ssl_context, server_hostname, timeout)
+        except asyncio.CancelledError:
+            await self._stream.aclose()
+            raise
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+def _close_cancelled_handshakes(client: httpx.AsyncClient) -> None:
+    """Make the connection pools of ``client`` (the direct one, and that of any proxy
+    named in the environment) connect through ``_ClosingTlsBackend``: httpx has no
+    setting for a network backend."""
+    for transport in (client._transport, *client._mounts.values()):
+        if isinstance(transport, httpx.AsyncHTTPTransport):
+            transport._pool._network_backend = _ClosingTlsBackend()
+
+
 class _FcmHttp:
     """The HTTP client firebase-admin's messaging service posts through (its
     ``HttpxAsyncClient``'s part: ``request`` and ``aclose``), made by sipis."""
@@ -155,6 +227,7 @@ class _FcmHttp:
             ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True
         )
         self._client = httpx.AsyncClient(http2=True, verify=verify, timeout=timeout)
+        _close_cancelled_handshakes(self._client)
         self._session = requests.Session()
         self._token_request = _TokenEndpointRequest(
             self._session, timeout, str(ca_file) if ca_file is not None else True

@@ -3,10 +3,14 @@
 ``PushSender.send`` tries a push until it is delivered, refused for good,
 or out of time: a ``RetryAfter`` waits the service's Retry-After or an
 exponential backoff (0.5 s doubling to 30 s, with jitter), at most
-``MAX_ATTEMPTS`` times, and never past the push's deadline (a call push
-after the caller gave up would ring for nobody).  A ``TokenInvalid`` starts
-the erasure of the instance (reason ``token_invalid``) in the background.
-Every attempt is counted in the metrics by provider, kind and outcome.
+``MAX_ATTEMPTS`` times, never past the push's deadline, and not once the
+push is no longer wanted (a call push after the caller gave up would ring
+for nobody).  No wait is longer than ``MAX_DELAY``: a push whose service
+asks for a longer one fails at once, rather than every push sitting in
+memory for as long as a 429 storm's Retry-After says (an HTTP-date may name
+any day).  A ``TokenInvalid`` starts the erasure of the instance (reason
+``token_invalid``) in the background.  Every attempt is counted in the
+metrics by provider, kind and outcome.
 """
 
 from __future__ import annotations
@@ -46,8 +50,19 @@ class PushSender:
             if expiry is not None:
                 metrics.push_credential_expiry.labels(provider.name).set(expiry)
 
-    async def send(self, push: Push, *, deadline: float | None = None) -> Outcome:
-        """Deliver ``push`` or say why not; ``deadline`` is in event-loop time."""
+    async def send(
+        self,
+        push: Push,
+        *,
+        deadline: float | None = None,
+        wanted: Callable[[], bool] | None = None,
+    ) -> Outcome:
+        """Deliver ``push`` or say why not.
+
+        ``deadline`` (event-loop time): no attempt starts at or after it.
+        ``wanted``, asked before every retry: False once the push stopped
+        mattering before its deadline (a call the caller hung up).
+        """
         provider = self._providers.get(push.platform)
         if provider is None:
             return Failed(f"no push provider for platform {push.platform!r}")
@@ -66,9 +81,13 @@ class PushSender:
             if delay is None:
                 ceiling = min(MAX_DELAY, FIRST_DELAY * 2**attempt)
                 delay = ceiling * self._rng.uniform(0.5, 1.0)
+            elif delay > MAX_DELAY:
+                return Failed(f"{outcome.reason}; asked to wait {delay:g} s, over {MAX_DELAY:g} s")
             if deadline is not None and loop.time() + delay >= deadline:
                 return Failed(f"{outcome.reason}; no time left to retry")
             await asyncio.sleep(delay)
+            if wanted is not None and not wanted():
+                return Failed(f"{outcome.reason}; no longer wanted")
         return Failed(f"{outcome_name(outcome)} after {MAX_ATTEMPTS} attempts")
 
     def _in_background(self, work: Awaitable[object]) -> None:

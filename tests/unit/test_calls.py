@@ -38,9 +38,13 @@ class RecordingProvider:
     def __init__(self) -> None:
         self.pushes: asyncio.Queue[Push] = asyncio.Queue()
         self.outcomes: list[Outcome] = []
+        # while set and not open, every push waits for it (a push in flight)
+        self.gate: asyncio.Event | None = None
 
     async def send(self, push: Push) -> Outcome:
         self.pushes.put_nowait(push)
+        if self.gate is not None:
+            await self.gate.wait()
         return self.outcomes.pop(0) if self.outcomes else Delivered("id")
 
     async def close(self) -> None:
@@ -253,6 +257,22 @@ async def test_cancel_ends_the_call_with_487_and_a_notice(
     assert answers == [(200, "CANCEL"), (487, "INVITE")]
     notice = await provider.next()
     assert notice.kind is kind and notice.token == OTHER_TOKEN
+
+
+async def test_closing_waits_for_the_push_of_a_call_it_ends(setup: Setup) -> None:
+    registrar, provider = setup.registrar, setup.provider
+    provider.gate = asyncio.Event()
+    registrar.send(request(registrar, "INVITE", body=SDP))
+    assert (await registrar.response()).status == 100
+    assert (await provider.next()).kind is Kind.CALL
+    closing = asyncio.ensure_future(setup.running.relay.calls.close())
+    assert (await registrar.response()).status == 480
+    await asyncio.sleep(0.2)
+    assert not closing.done(), "the call push is still in flight"
+    provider.gate.set()
+    async with asyncio.timeout(2):
+        await closing
+    assert provider.pushes.empty()
 
 
 async def test_failed_push_is_reported_in_the_180(setup: Setup) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,44 @@ class World:
         )
 
 
-@pytest.fixture
-async def world(kamailio: Kamailio, tmp_path: Path, peer_ca: trustme.CA) -> AsyncIterator[World]:
+@dataclass
+class LocalPushServices:
+    """The local APNs (token auth) and FCM, and the files a relay needs to reach them."""
+
+    apns: LocalApns
+    fcm: LocalFcm
+    key: ApnsSigningKey
+    key_file: Path
+    ca_file: Path
+    account_file: Path
+
+    def sections(self, apns_server: str, fcm_base: str, **extra: Any) -> dict[str, dict[str, Any]]:
+        """The relay's ``apns`` and ``fcm`` tables for the services reached at these
+        addresses (``host:port`` and ``https://host:port``), with ``extra`` in both."""
+        return {
+            "apns": {
+                "key_file": str(self.key_file),
+                "key_id": self.key.key_id,
+                "team_id": self.key.team_id,
+                "production_server": apns_server,
+                "sandbox_server": apns_server,
+                "ca_file": str(self.ca_file),
+                **extra,
+            },
+            "fcm": {
+                "service_account": str(self.account_file),
+                "send_url": fcm_base,
+                "token_uri": f"{fcm_base}/token",
+                "ca_file": str(self.ca_file),
+                **extra,
+            },
+        }
+
+
+@asynccontextmanager
+async def local_push_services(
+    tmp_path: Path, peer_ca: trustme.CA
+) -> AsyncIterator[LocalPushServices]:
     ca_file = tmp_path / "push-ca.pem"
     peer_ca.cert_pem.write_to_path(str(ca_file))
     key = ApnsSigningKey.generate()
@@ -120,25 +157,19 @@ async def world(kamailio: Kamailio, tmp_path: Path, peer_ca: trustme.CA) -> Asyn
         LocalFcm(tls_server_context(peer_ca)) as fcm,
     ):
         account_file = fcm.service_account_file(tmp_path / "service-account.json")
-        server = f"127.0.0.1:{apns.port}"
-        async with relay_with_api(
+        yield LocalPushServices(apns, fcm, key, key_file, ca_file, account_file)
+
+
+@pytest.fixture
+async def world(kamailio: Kamailio, tmp_path: Path, peer_ca: trustme.CA) -> AsyncIterator[World]:
+    async with (
+        local_push_services(tmp_path, peer_ca) as push,
+        relay_with_api(
             tmp_path,
             push={"ring_timeout": RING},
-            apns={
-                "key_file": str(key_file),
-                "key_id": key.key_id,
-                "team_id": key.team_id,
-                "production_server": server,
-                "sandbox_server": server,
-                "ca_file": str(ca_file),
-            },
-            fcm={
-                "service_account": str(account_file),
-                "send_url": fcm.base_url,
-                "token_uri": fcm.token_uri,
-                "ca_file": str(ca_file),
-            },
+            **push.sections(f"127.0.0.1:{push.apns.port}", push.fcm.base_url),
             lifecycle={"unregister_wait": 1.0},
             api={"admin_token": ADMIN_TOKEN},
-        ) as running:
-            yield World(kamailio, apns, fcm, running, tmp_path)
+        ) as running,
+    ):
+        yield World(kamailio, push.apns, push.fcm, running, tmp_path)

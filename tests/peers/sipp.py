@@ -68,6 +68,29 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.05
 
+# A scenario's INVITE from bob to [service]@example.test with an audio offer, as the
+# text inside a <send> element's CDATA.
+CALLER_INVITE = """\
+      INVITE sip:[service]@example.test SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+      From: "Bob Caller" <sip:bob@example.test>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@example.test>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: <sip:bob@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=bob 2890844526 2890844526 IN IP4 [local_ip]
+      s=-
+      c=IN IP4 [local_ip]
+      t=0 0
+      m=audio [auto_media_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+"""
+
 SippTransport = Literal["udp", "tcp"]
 _TRANSPORT_MODE: dict[SippTransport, str] = {"udp": "u1", "tcp": "t1"}
 _SOCKET_KIND: dict[SippTransport, socket.SocketKind] = {

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import PEER_USERS
 from tests.peers.baresip import Baresip, BaresipError, Transport
 from tests.peers.kamailio import Kamailio
-from tests.peers.sipp import SipMessage, SippResult, run_sipp_client
+from tests.peers.sipp import CALLER_INVITE, SipMessage, SippResult, run_sipp_client
 
 pytestmark = pytest.mark.peer
 
@@ -25,26 +25,6 @@ CALL_TIMEOUT = 6.0
 # A caller through a record-routing proxy: INVITE to [service]@example.test,
 # then ACK and BYE along the route set the 200 OK established (rrs="true"
 # keeps Record-Route and Contact; [routes] and [next_url] use them).
-_INVITE = """\
-      INVITE sip:[service]@example.test SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
-      From: "Bob Caller" <sip:bob@example.test>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@example.test>
-      Call-ID: [call_id]
-      CSeq: 1 INVITE
-      Contact: <sip:bob@[local_ip]:[local_port];transport=[transport]>
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=bob 2890844526 2890844526 IN IP4 [local_ip]
-      s=-
-      c=IN IP4 [local_ip]
-      t=0 0
-      m=audio [auto_media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-"""
 
 _ANSWERED = """\
   <recv response="100" optional="true"/>
@@ -71,7 +51,7 @@ CALLER_HANGS_UP = f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
 <scenario name="call answered, then ended by the caller">
   <send retrans="500"><![CDATA[
 
-{_INVITE}
+{CALLER_INVITE}
   ]]></send>
 {_ANSWERED}
   <pause milliseconds="300"/>
@@ -98,7 +78,7 @@ CALLEE_HANGS_UP = f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
 <scenario name="call answered, then ended by the callee">
   <send retrans="500"><![CDATA[
 
-{_INVITE}
+{CALLER_INVITE}
   ]]></send>
 {_ANSWERED}
   <recv request="BYE"/>

@@ -50,15 +50,12 @@ from sipis.push.base import (
 from sipis.push.compose import compose
 from sipis.push.payload import call_reference
 from sipis.push.sender import MAX_ATTEMPTS, MAX_DELAY
-from sipis.testing import tls_server_context
-from sipis.testing.apns import ApnsSigningKey, LocalApns
-from sipis.testing.fcm import LocalFcm
 from tests.peers.api import APNS_TOKEN, OTHER_TOKEN, relay_with_api
-from tests.peers.conftest import FCM_TOKEN, World
+from tests.peers.conftest import FCM_TOKEN, World, local_push_services
 from tests.peers.kamailio import Kamailio
 from tests.peers.loopback import HOST
 from tests.peers.relay import relay_config
-from tests.peers.sipp import SippResult, run_sipp_client
+from tests.peers.sipp import CALLER_INVITE, SippResult, run_sipp_client
 
 pytestmark = pytest.mark.peer
 
@@ -72,29 +69,11 @@ RETRY_AFTER = 0.6  # what a refusing service asks for in the call tests
 SLACK = 0.25  # event-loop latency allowed on a loaded two-core machine
 REFUSALS = {"ios": "TooManyRequests", "android": "QUOTA_EXCEEDED"}  # 429 from each service
 
-_INVITE = """
+_INVITE = f"""
   <send retrans="500">
     <![CDATA[
 
-      INVITE sip:[service]@example.test SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
-      From: "Bob Caller" <sip:bob@example.test>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@example.test>
-      Call-ID: [call_id]
-      CSeq: 1 INVITE
-      Contact: <sip:bob@[local_ip]:[local_port];transport=[transport]>
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=bob 2890844526 2890844526 IN IP4 [local_ip]
-      s=-
-      c=IN IP4 [local_ip]
-      t=0 0
-      m=audio [auto_media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-
+{CALLER_INVITE}
     ]]>
   </send>
 """
@@ -441,37 +420,14 @@ class Faulty:
 
 @pytest.fixture
 async def faulty(kamailio: Kamailio, tmp_path: Path, peer_ca: trustme.CA) -> AsyncIterator[Faulty]:
-    ca_file = tmp_path / "push-ca.pem"
-    peer_ca.cert_pem.write_to_path(str(ca_file))
-    key = ApnsSigningKey.generate()
-    key_file = key.write_p8(tmp_path / "AuthKey.p8")
     async with (
-        LocalApns(tls_server_context(peer_ca), signing_keys=[key]) as apns,
-        LocalFcm(tls_server_context(peer_ca)) as fcm,
-        Gate((HOST, apns.port)) as apns_gate,
-        Gate((HOST, fcm.port)) as fcm_gate,
+        local_push_services(tmp_path, peer_ca) as push,
+        Gate((HOST, push.apns.port)) as apns_gate,
+        Gate((HOST, push.fcm.port)) as fcm_gate,
     ):
-        account_file = fcm.service_account_file(tmp_path / "service-account.json")
-        apns_server = f"{HOST}:{apns_gate.port}"
-        fcm_base = f"https://{HOST}:{fcm_gate.port}"
-        services = {
-            "apns": {
-                "key_file": str(key_file),
-                "key_id": key.key_id,
-                "team_id": key.team_id,
-                "production_server": apns_server,
-                "sandbox_server": apns_server,
-                "ca_file": str(ca_file),
-                "timeout": PUSH_TIMEOUT,
-            },
-            "fcm": {
-                "service_account": str(account_file),
-                "send_url": fcm_base,
-                "token_uri": f"{fcm_base}/token",
-                "ca_file": str(ca_file),
-                "timeout": PUSH_TIMEOUT,
-            },
-        }
+        services = push.sections(
+            f"{HOST}:{apns_gate.port}", f"https://{HOST}:{fcm_gate.port}", timeout=PUSH_TIMEOUT
+        )
         config, _ = relay_config(tmp_path / "providers", **services)
         recorded = {
             platform: Recorded(provider) for platform, provider in push_providers(config).items()
@@ -486,7 +442,7 @@ async def faulty(kamailio: Kamailio, tmp_path: Path, peer_ca: trustme.CA) -> Asy
             for provider in recorded.values():
                 provider.calls = running.relay.calls
             faulty = Faulty(
-                World(kamailio, apns, fcm, running, tmp_path),
+                World(kamailio, push.apns, push.fcm, running, tmp_path),
                 {"ios": apns_gate, "android": fcm_gate},
                 recorded,
             )

@@ -276,7 +276,9 @@ _parse_max_forwards = _one(
     "Max-Forwards", lambda v: parse_uint(v, "Max-Forwards", MAX_FORWARDS_LIMIT)
 )
 _parse_content_length = _one(
-    "Content-Length", lambda v: parse_uint(v, "Content-Length", MAX_MESSAGE_SIZE)
+    # any 32-bit length reads; one past the cap makes a 513 (a stream) or a 400 (a datagram)
+    "Content-Length",
+    lambda v: parse_uint(v, "Content-Length", 2**32 - 1),
 )
 _REQUIRED = (("Call-ID", _parse_call_id), ("From", _parse_from), ("To", _parse_to))
 _parse_min_expires = _one("Min-Expires", lambda v: parse_uint(v, "Min-Expires", 2**32 - 1))
@@ -588,13 +590,33 @@ class Keepalive:
     ping: bool
 
 
+class StreamBroken(SipError):
+    """A stream that cannot be framed any further.
+
+    ``partial`` is the message whose head was read when framing broke (a
+    request with a Content-Length past the cap, missing or unreadable can
+    still be answered: 513, 400), or None; ``framed`` is what the same
+    ``feed`` call completed before it.
+    """
+
+    def __init__(self, error: SipError, partial: Message | None = None) -> None:
+        super().__init__(error.reason, error.status)
+        self.partial = partial
+        self.framed: list[Message | Keepalive | ParseError] = []
+
+
+def _unrecoverable(error: SipError, partial: Message | None = None) -> StreamBroken:
+    return StreamBroken(SipError(f"unrecoverable stream: {error.reason}", error.status), partial)
+
+
 class StreamFramer:
     """Cuts a TCP/TLS byte stream into messages and keepalives.
 
     ``feed`` returns what became complete.  A message whose headers are
     malformed but whose length is known comes back as a ``ParseError`` item
-    and framing goes on; when the length itself cannot be known the stream
-    cannot be resynchronised and ``feed`` raises ``SipError``: close it.
+    and framing goes on; when the length itself cannot be known, or passes
+    the cap, the stream cannot be resynchronised and ``feed`` raises
+    ``StreamBroken``: answer what can be answered, and close it.
     """
 
     __slots__ = ("_buffer", "_max_size", "_pending", "_pending_length")
@@ -606,9 +628,17 @@ class StreamFramer:
         self._pending_length = 0
 
     def feed(self, data: bytes) -> list[Message | Keepalive | ParseError]:
+        out: list[Message | Keepalive | ParseError] = []
+        try:
+            self._frame(data, out)
+        except StreamBroken as exc:
+            exc.framed = out
+            raise
+        return out
+
+    def _frame(self, data: bytes, out: list[Message | Keepalive | ParseError]) -> None:
         buf = self._buffer
         buf += data
-        out: list[Message | Keepalive | ParseError] = []
         while True:
             if self._pending is not None:
                 if len(buf) < self._pending_length:
@@ -628,12 +658,11 @@ class StreamFramer:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > self._max_size:
-                    raise SipError("message headers too large", status=513)
+                    raise StreamBroken(SipError("message headers too large", status=513))
                 break
             head = bytes(buf[:end])
             del buf[: end + 4]
             self._start(head)
-        return out
 
     def _start(self, head: bytes) -> None:
         try:
@@ -642,17 +671,17 @@ class StreamFramer:
             msg = exc.partial or Message()
             pending: Message | ParseError = exc
         except SipError as exc:
-            raise SipError(f"unrecoverable stream: {exc.reason}", exc.status) from None
+            raise _unrecoverable(exc) from None
         else:
             pending = msg
         try:
             length = msg.content_length
         except SipError as exc:
-            raise SipError(f"unrecoverable stream: {exc.reason}", exc.status) from None
+            raise _unrecoverable(exc, msg) from None
         if length is None:
-            raise SipError("missing Content-Length on a stream")
+            raise StreamBroken(SipError("missing Content-Length on a stream"), msg)
         if length + len(head) > self._max_size:
-            raise SipError("message too large", status=513)
+            raise StreamBroken(SipError("message too large", status=513), msg)
         if isinstance(pending, Message):
             try:
                 _validate(pending)

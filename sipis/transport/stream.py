@@ -26,8 +26,10 @@ process (every one is counted against the listener's ``Admission``):
   ``idle_timeout`` seconds is aborted: half-open and half-sent connections
   end;
 * the receive buffer holds at most one message (``MAX_MESSAGE_SIZE``, the
-  framer's cap); past it the stream cannot be resynchronised and is
-  aborted;
+  framer's cap); past it the stream cannot be resynchronised: a request
+  whose head was read is answered (513 for one too large, 400 for a
+  Content-Length missing or unreadable) and the connection is closed once
+  the answer is sent, else it is aborted;
 * a peer that does not read what is sent to it stops being read from
   (asyncio's write buffer limits pause reading), and one whose unsent data
   still passes ``MAX_WRITE_BUFFER`` is aborted;
@@ -44,8 +46,15 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from sipis.sip.errors import SipError
-from sipis.sip.message import MAX_MESSAGE_SIZE, Keepalive, Message, ParseError, StreamFramer
+from sipis.sip.message import (
+    MAX_MESSAGE_SIZE,
+    Keepalive,
+    Message,
+    ParseError,
+    Request,
+    StreamBroken,
+    StreamFramer,
+)
 from sipis.sip.registration import LocalAddress
 
 from .admission import Admission
@@ -315,9 +324,21 @@ class StreamFlow(Flow, asyncio.Protocol):
     def _receive_plain(self, data: bytes) -> None:
         try:
             events = self._framer.feed(data)
-        except SipError as exc:
-            self._drop(f"unframeable input ({exc.reason})")
+        except StreamBroken as exc:
+            self._deliver(exc.framed)
+            if not self.alive:
+                return
+            reason = f"unframeable input ({exc.reason})"
+            if isinstance(exc.partial, Request):
+                # the dispatcher answers it; the answer leaves before the connection closes
+                self._dispatch(ParseError(exc, exc.partial), self)
+                self._end(reason)
+            else:
+                self._drop(reason)
             return
+        self._deliver(events)
+
+    def _deliver(self, events: list[Message | Keepalive | ParseError]) -> None:
         for event in events:
             if isinstance(event, Keepalive):
                 if event.ping:
@@ -354,6 +375,12 @@ class StreamFlow(Flow, asyncio.Protocol):
             return
         assert self._keepalive_interval is not None
         self._schedule_ping(max(self._keepalive_interval - PONG_TIMEOUT, 0.0))
+
+    def _end(self, reason: str) -> None:
+        """Close the connection after what was sent on it (TLS: with close_notify)."""
+        if self.alive:
+            log.debug("%r ending: %s", self, reason)
+        self.close()
 
     def _drop(self, reason: str) -> None:
         """End the connection at once, unsent data and all (a peer breaking the limits)."""

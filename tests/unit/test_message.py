@@ -14,6 +14,7 @@ from sipis.sip.message import (
     ParseError,
     Request,
     Response,
+    StreamBroken,
     StreamFramer,
     parse_message,
 )
@@ -336,15 +337,28 @@ class TestStreamFramer:
         assert isinstance(bad_error, ParseError) and isinstance(bad_error.partial, Request)
         assert isinstance(good, Request)
 
-    def test_missing_content_length_is_fatal(self) -> None:
-        with pytest.raises(SipError):
+    def test_missing_content_length_is_fatal_with_the_request_to_answer(self) -> None:
+        with pytest.raises(StreamBroken) as caught:
             StreamFramer().feed(REGISTER.replace(b"Content-Length: 0\r\n", b""))
+        assert caught.value.status == 400
+        assert isinstance(caught.value.partial, Request)
+        assert caught.value.partial.call_id == parse_message(REGISTER).call_id
+
+    def test_a_body_past_the_cap_is_fatal_after_what_came_before(self) -> None:
+        framer = StreamFramer(max_size=1000)
+        too_long = REGISTER.replace(b"Content-Length: 0", b"Content-Length: 900")
+        with pytest.raises(StreamBroken) as caught:
+            framer.feed(b"\r\n\r\n" + REGISTER + too_long)
+        assert caught.value.status == 513
+        assert isinstance(caught.value.partial, Request)
+        ping, first = caught.value.framed
+        assert ping == Keepalive(ping=True) and isinstance(first, Request)
 
     def test_endless_headers_are_refused(self) -> None:
         framer = StreamFramer(max_size=1000)
-        with pytest.raises(SipError) as caught:
+        with pytest.raises(StreamBroken) as caught:
             framer.feed(b"INVITE sip:a@b SIP/2.0\r\n" + b"X: " + b"y" * 2000)
-        assert caught.value.status == 513
+        assert caught.value.status == 513 and caught.value.partial is None
 
 
 def test_prepend_and_pop_first_keep_list_elements_in_order() -> None:

@@ -31,9 +31,14 @@ OPTIONS = (
 class Inbox:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[Message | ParseError, Flow]] = asyncio.Queue()
+        # what is sent back at once for each malformed message, as Inbound does
+        self.answer_errors_with: bytes | None = None
 
     def __call__(self, message: Message | ParseError, flow: Flow) -> None:
         self.queue.put_nowait((message, flow))
+        if isinstance(message, ParseError) and self.answer_errors_with is not None:
+            assert message.partial is not None
+            flow.reply(self.answer_errors_with, message.partial.via)
 
     async def get(self) -> tuple[Message | ParseError, Flow]:
         async with asyncio.timeout(5):
@@ -207,12 +212,33 @@ async def test_malformed_stream_message_is_reported_and_stream_goes_on(
     writer.close()
 
 
-async def test_unframeable_stream_is_closed(server: tuple[TransportLayer, Inbox]) -> None:
-    server_layer, _ = server
+async def test_unframeable_stream_is_answered_then_closed(
+    server: tuple[TransportLayer, Inbox],
+) -> None:
+    server_layer, inbox = server
+    inbox.answer_errors_with = b"SIP/2.0 400 Bad Request\r\n\r\n"
     reader, writer = await asyncio.open_connection("127.0.0.1", server_layer.listening["tcp"])
-    writer.write(OPTIONS.replace(b"Content-Length: 0", b"Content-Length: x"))
+    writer.write(OPTIONS + OPTIONS.replace(b"Content-Length: 0", b"Content-Length: x"))
+    good, _ = await inbox.get()
+    bad, _ = await inbox.get()
+    assert isinstance(good, Request)
+    assert isinstance(bad, ParseError) and bad.status == 400
+    assert isinstance(bad.partial, Request) and bad.partial.method == "OPTIONS"
     async with asyncio.timeout(5):
-        assert await reader.read() == b""
+        assert await reader.read() == b"SIP/2.0 400 Bad Request\r\n\r\n"
+    writer.close()
+
+
+async def test_stream_without_a_request_to_answer_is_aborted(
+    server: tuple[TransportLayer, Inbox],
+) -> None:
+    server_layer, inbox = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", server_layer.listening["tcp"])
+    writer.write(b"OPTIONS sip:a SIP/2.0\r\nX: " + b"y" * 70000)
+    async with asyncio.timeout(5):
+        with contextlib.suppress(ConnectionResetError):
+            assert await reader.read() == b""
+    assert inbox.queue.empty()
     writer.close()
 
 

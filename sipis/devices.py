@@ -23,7 +23,9 @@ the app back.
 Failed checks are counted per source address; an address that failed
 ``max_failures`` times in the last minute gets 403 without any check until
 its failures age out.  Unknown instance ids get the same challenge and the
-same 403 as a wrong secret, after the same work.
+same 403 as a wrong secret, after the same work.  The 401s and 403s are
+answered statelessly (a retransmission is answered anew), so REGISTERs
+that never authenticate leave no transaction behind.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ class Devices:
         source = transaction.flow.remote[0]
         now = self._clock()
         if self._budget.exhausted(source, now):
-            transaction.respond(make_response(request, 403, "Too Many Failures"))
+            transaction.respond_statelessly(make_response(request, 403, "Too Many Failures"))
             return
         try:
             instance_id = request.to.sip_uri.user or ""
@@ -195,14 +197,14 @@ class Devices:
         if verdict is not Verdict.OK or answer.params.get("username") != instance_id:
             self._budget.failed(source, now)
             log.info("device REGISTER from %s refused: wrong credentials", source)
-            transaction.respond(make_response(request, 403))
+            transaction.respond_statelessly(make_response(request, 403))
             return
         self._registered(transaction, instance_id)
 
     def _challenge(self, transaction: ServerTransaction, realm: str, *, stale: bool) -> None:
         values = self._digest.challenges(realm, self._clock(), stale=stale)
         headers = [("WWW-Authenticate", value) for value in values]
-        transaction.respond(make_response(transaction.request, 401, headers=headers))
+        transaction.respond_statelessly(make_response(transaction.request, 401, headers=headers))
 
     def _registered(self, transaction: ServerTransaction, instance_id: str) -> None:
         request = transaction.request

@@ -62,6 +62,21 @@ class ServerTransaction:
         self.txn.respond(response, self._table.now())
         self._table.drive(self)
 
+    def respond_statelessly(self, response: Response) -> None:
+        """Send a final answer that is cheap to make again (a challenge, a refusal) and
+        forget the transaction at once.
+
+        RFC 3261 §8.2.7: a stateless UAS keeps no transaction; a retransmission
+        of the request opens a new one and is answered anew.  A flood of
+        requests that never authenticate then holds no memory past their
+        answers, where a transaction would keep each for Timer J (32 s over
+        UDP).  Not for INVITE, whose final answer is retransmitted until ACKed.
+        """
+        if not isinstance(self.txn, ServerNonInviteTransaction):
+            raise TypeError("an INVITE's final answer needs its transaction")
+        self.respond(response)
+        self._table.forget(self)
+
 
 class ServerTransactions:
     """The table of live server transactions and their timers."""
@@ -138,11 +153,14 @@ class ServerTransactions:
             if entry.txn.state not in _OPEN:
                 entry.request.forget_parsed()  # kept only to absorb retransmissions now
         if entry.txn.terminated:
-            self._scheduler.schedule(entry, None)
-            if self._table.get(entry.key) is entry:
-                del self._table[entry.key]
+            self.forget(entry)
         else:
             self._scheduler.schedule(entry, entry.txn.deadline)
+
+    def forget(self, entry: ServerTransaction) -> None:
+        self._scheduler.schedule(entry, None)
+        if self._table.get(entry.key) is entry:
+            del self._table[entry.key]
 
     def _fire(self, entry: ServerTransaction) -> None:
         entry.txn.on_timer(self.now())

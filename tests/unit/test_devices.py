@@ -595,6 +595,27 @@ async def test_other_requests_are_answered_without_state(setup: Setup) -> None:
     assert setup.device() is None
 
 
+async def test_challenges_and_refusals_leave_no_transaction(setup: Setup) -> None:
+    app = await setup.app("udp")
+    user = setup.instance_id
+    transactions = setup.running.relay.device_inbound.transactions
+    for _ in range(50):
+        assert (await app.register(user)).status == 401
+    assert (await register_as(app, user, setup.secret[::-1])).status == 403
+    assert len(transactions) == 0
+    # a retransmission is challenged anew, with a fresh nonce
+    register = app.request("REGISTER", user, headers=[("Contact", f"<{app.contact}>")])
+    app.send(register)
+    first = await app.response()
+    app.send(register)
+    again = await app.response()
+    assert (first.status, again.status) == (401, 401)
+    assert challenges(first)[0].nonce != challenges(again)[0].nonce
+    assert len(transactions) == 0
+    # an app that answers the challenge still registers
+    assert (await register_as(app, user, setup.secret)).status == 200
+
+
 async def test_malformed_registers_get_a_4xx(setup: Setup) -> None:
     app = await setup.app("udp")
     user, secret = setup.instance_id, setup.secret

@@ -60,6 +60,7 @@ from sipis.crypto import (
     new_secret,
     secret_matches,
 )
+from sipis.keyed_lock import KeyedLock
 from sipis.push.base import Routing
 from sipis.sip.digest_server import HA1_ALGORITHMS, digest_ha1
 from sipis.sip.registration import RegistrationConfig, RegistrationState
@@ -246,7 +247,7 @@ class Instances:
         self._ownership = ownership
         self._owns = ownership.owns if ownership is not None else _owns_all
         self._live: dict[str, _Live] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLock()
         self.expiring_hooks: list[ExpiringHook] = []
         self.erased_hooks: list[ErasedHook] = []
         # for the operator's numbers: erasures since start, the purge log, its last checkpoint
@@ -310,7 +311,7 @@ class Instances:
         """Follow a change made by any node to an instance this node owns."""
         if not self._owns(change.instance_id):
             return
-        async with self._lock(change.instance_id):
+        async with self._locks.hold(change.instance_id):
             if change.kind == "erased":
                 live = self._live.pop(change.instance_id, None)
                 if live is not None:
@@ -330,7 +331,6 @@ class Instances:
                 await self._follow(row.id, live, fresh.accounts, fresh.paused)
                 live.routing = fresh.routing
                 return
-        self._locks.pop(change.instance_id, None)
         if live is not None and change.reason is not None:
             for hook in self.erased_hooks:
                 await self._run_hook(hook(live.routing, change.reason))
@@ -375,7 +375,7 @@ class Instances:
             spec.payload_key,
         )
         # under the lock: the owner may hear of the new row (``apply``) before this goes on
-        async with self._lock(instance_id):
+        async with self._locks.hold(instance_id):
             await self._store.insert(row)
             if self._owns(instance_id):
                 self._live[instance_id] = _Live(paused=False, routing=routing, accounts=accounts)
@@ -461,7 +461,7 @@ class Instances:
 
     async def update(self, row: InstanceRow, change: InstanceChange) -> InstanceRow:
         """Apply a PATCH and renew the lifetime; the bindings follow."""
-        async with self._lock(row.id):
+        async with self._locks.hold(row.id):
             current = await self._store.get(row.id)
             if current is None:
                 raise InstanceGone(row.id)
@@ -520,7 +520,7 @@ class Instances:
         """Un-REGISTER, delete, log and scrub; None if the instance was already gone."""
         if reason not in REASONS:
             raise ValueError(f"unknown erasure reason {reason!r}")
-        async with self._lock(instance_id):
+        async with self._locks.hold(instance_id):
             row = await self._store.get(instance_id)
             live = self._live.pop(instance_id, None)
             if live is not None:
@@ -548,7 +548,6 @@ class Instances:
                         for account in live.accounts:
                             self._bind(instance_id, account, 0.0)
                 raise
-        self._locks.pop(instance_id, None)
         if entry is not None:
             log.info("instance %s erased (%s), purge-log entry %d", instance_id, reason, entry.seq)
             self.erasures[reason] = self.erasures.get(reason, 0) + 1
@@ -629,7 +628,7 @@ class Instances:
         """Store a MESSAGE for the app, encrypted under the instance's data key, once per
         ``request_key``.  Taken in turn with an erasure: a MESSAGE arriving while its
         instance is erased is refused (InstanceGone), never stored after the count."""
-        async with self._lock(instance_id):
+        async with self._locks.hold(instance_id):
             row = await self._store.get(instance_id)
             if row is None:
                 raise InstanceGone(instance_id)
@@ -711,9 +710,6 @@ class Instances:
         finally:
             key.destroy()
         return sum(1 for name in ("call_token", "other_token") if push.get(name))
-
-    def _lock(self, instance_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(instance_id, asyncio.Lock())
 
     def _decrypt(self, row: InstanceRow) -> _Live:
         key = self._keyring.unwrap(row.id, row.data_key)

@@ -57,6 +57,8 @@ log = logging.getLogger("sipis")
 
 # Collections of the middle generation between two full collections (CPython's default: 10).
 FULL_COLLECTION_EVERY = 100
+# seconds between moves of the objects alive into the collector's permanent generation
+FREEZE_EVERY = 600.0
 
 
 @dataclass
@@ -613,12 +615,34 @@ def tune_garbage_collection() -> None:
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
+def freeze_long_lived() -> None:
+    """Take every object alive now out of the collector's sight (``gc.freeze``).
+
+    What a node holds for long (bindings, sessions, instances) would
+    otherwise be walked by every full collection: about 10 µs per binding,
+    a pause of a second at 100,000 bindings.  Frozen, a full collection
+    walks only what came since.  Young garbage is collected first; frozen
+    objects are still freed by reference counting, and sipis leaves no
+    long-lived cycles behind, so freezing costs no memory that would
+    otherwise be reclaimed.
+    """
+    gc.collect(1)
+    gc.freeze()
+
+
+async def _freeze_long_lived_every(seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        freeze_long_lived()
+
+
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM."""
     for warning in config.warnings:
         log.warning("config: %s", warning)
     tune_garbage_collection()
     relay = await start_relay(config)
+    freeze_long_lived()
     ports = ", ".join(f"{name} {port}" for name, port in relay.transport.listening.items())
     log.info("SIP endpoint listening on %s (%s)", config.sip.host, ports)
     log.info("device port: %s", ", ".join(_device_uris(config, relay.device_transport)))
@@ -629,11 +653,13 @@ async def serve(config: Config) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     progress = asyncio.ensure_future(_registration_progress(relay))
+    freezing = asyncio.ensure_future(_freeze_long_lived_every(FREEZE_EVERY))
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         progress.cancel()
+        freezing.cancel()
         await relay.close()
         log.info("stopped")
 
@@ -649,4 +675,5 @@ async def _registration_progress(relay: Relay, every: float = 10.0) -> None:
         log.info("bindings: %d of %d registered, %d registering, %d failed",
                  registered, total, registering, failed)  # fmt: skip
         if not registering:
+            freeze_long_lived()  # the registered sessions are long-lived now
             return

@@ -105,7 +105,9 @@ def stop_apns(process: subprocess.Popen[str]) -> dict[str, Any]:
     return summary
 
 
-async def create_instances(relay: Relay, kamailio: Kamailio, count: int) -> float:
+async def create_instances(
+    relay: Relay, kamailio: Kamailio, count: int, *, expires: int = 300
+) -> float:
     started = time.monotonic()
     for i in range(count):
         account = AccountSpec(
@@ -114,7 +116,7 @@ async def create_instances(relay: Relay, kamailio: Kamailio, count: int) -> floa
             auth_username=f"u{i}",
             password=PASSWORD,
             registrar=kamailio.uri("udp"),
-            expires=300,
+            expires=expires,
         )
         spec = InstanceSpec(
             app_id="com.example.phone",

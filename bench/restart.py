@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.calls import PASSWORD, create_instances, wait_registered
-from sipis.app import Relay, start_relay, tune_garbage_collection
+from sipis.app import Relay, freeze_long_lived, start_relay, tune_garbage_collection
 from sipis.config import Config
 from sipis.sip.registration import RegistrationState
 from tests.peers.kamailio import Kamailio
@@ -52,8 +52,10 @@ def sample(relay: Relay) -> tuple[float, int, int, int]:
 async def watch_restart(
     config: Config, count: int, limit: float
 ) -> list[tuple[float, int, int, int]]:
-    """Start the relay and sample it once a second until every binding is registered."""
+    """Start the relay as ``sipis serve`` does and sample it once a second until every
+    binding is registered."""
     relay = await start_relay(config, api=False)
+    freeze_long_lived()
     samples = [sample(relay)]
     try:
         deadline = time.monotonic() + limit

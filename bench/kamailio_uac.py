@@ -1,10 +1,11 @@
 """Kamailio's `uac` module keeping remote registrations, for the bindings benchmark.
 
 `KamailioUac` writes a configuration and a db_text `uacreg` table into a
-working directory, starts `kamailio -DD -E` in its own process group and
-waits until its control socket answers; leaving the context kills the whole
-group.  Nothing routes through it: its only work is the uac module's remote
-registrations, so its processes' CPU and memory are what keeping them costs.
+working directory; starting it, waiting for its control socket, killing
+its process group and its RPCs are the test fixture's (`KamailioProcess`).
+Nothing routes through it: its only work is the uac module's remote
+registrations, so its processes' CPU and memory are what keeping them
+costs.
 
 How the uac module (Kamailio 5.6) registers, which the table is built for:
 
@@ -34,30 +35,18 @@ retries included) and `2xx` every one the registrar accepted.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
-from tests.peers.loopback import HOST, free_port, tail
+from tests.peers.kamailio import KamailioProcess
+from tests.peers.loopback import HOST, free_port
 
-KAMAILIO = "kamailio"
-KAMCMD = "kamcmd"
 START_TIMEOUT = 120.0
-STOP_TIMEOUT = 10.0
 RPC_TIMEOUT = 30.0
-_PROBE_INTERVAL = 0.1
 # Loading 110,000 rows peaks at about 5 KB of shared memory per row (db_text's
 # cached table and its query result, the uac module's hash table); transactions
 # of registrations in flight come on top.
@@ -72,10 +61,6 @@ _UACREG_COLUMNS = (
 )
 
 Transport = Literal["udp", "tls"]
-
-
-class KamailioUacError(RuntimeError):
-    """The uac Kamailio failed to start, or its control socket answered with an error."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +80,7 @@ class RemoteRegistration:
     delay: int
 
 
-class KamailioUac:
+class KamailioUac(KamailioProcess):
     """A Kamailio on 127.0.0.1 whose uac module keeps `registrations` registered.
 
     Every registration asks for `expires` seconds; the module's timer runs
@@ -126,66 +111,8 @@ class KamailioUac:
         self.private_key = private_key
         self.timer_interval = timer_interval
         self.retry_interval = retry_interval
-        self._requested_workdir = workdir
-        self._workdir: Path | None = None
-        self._runtime_dir: Path | None = None
+        super().__init__(workdir=workdir, start_timeout=START_TIMEOUT, rpc_timeout=RPC_TIMEOUT)
         self._ports: dict[Transport, int] = {}
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        """The main process; its workers, timers and TLS processes share its process group."""
-        if self._process is None:
-            raise RuntimeError("the uac Kamailio is not running")
-        return self._process.pid
-
-    @property
-    def workdir(self) -> Path:
-        if self._workdir is None:
-            raise RuntimeError("the uac Kamailio has not been entered")
-        return self._workdir
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "kamailio.log"
-
-    @property
-    def control_socket(self) -> Path:
-        if self._runtime_dir is None:
-            raise RuntimeError("the uac Kamailio has not been entered")
-        return self._runtime_dir / "kamailio_ctl"
-
-    # Lifecycle -------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        if self._requested_workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="kamailio-uac-"))
-        else:
-            self._workdir = self._requested_workdir
-            self._workdir.mkdir(parents=True, exist_ok=True)
-        self._runtime_dir = Path(tempfile.mkdtemp(prefix="kamuac-"))
-        try:
-            self._prepare()
-            await self._start()
-        except BaseException:
-            await self._leave()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self._leave()
-
-    async def _leave(self) -> None:
-        await self._stop()
-        if self._runtime_dir is not None:
-            shutil.rmtree(self._runtime_dir, ignore_errors=True)
-        if self._requested_workdir is None and self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _prepare(self) -> None:
         self._ports = {"udp": free_port(socket.SOCK_DGRAM), "tls": free_port(socket.SOCK_STREAM)}
@@ -198,7 +125,7 @@ class KamailioUac:
             table.write(_UACREG_COLUMNS + "\n")
             for index, registration in enumerate(self.registrations, 1):
                 table.write(self._row(index, registration))
-        (self.workdir / "kamailio.cfg").write_text(self._config(database))
+        self.config_path.write_text(self._config(database))
 
     def _row(self, index: int, registration: RemoteRegistration) -> str:
         host, port = registration.registrar
@@ -267,79 +194,11 @@ request_route {{
 }}
 """
 
-    async def _start(self) -> None:
-        self._process = self._spawn()
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._process.poll() is not None:
-                raise KamailioUacError(
-                    f"kamailio exited with status {self._process.returncode} during start;"
-                    f" log {self.log_path}:\n{tail(self.log_path)}"
-                )
-            with contextlib.suppress(KamailioUacError, subprocess.TimeoutExpired):
-                await self.rpc("core.version")
-                return
-            if time.monotonic() > deadline:
-                await self._stop()
-                raise KamailioUacError(
-                    f"kamailio not ready after {START_TIMEOUT} s; log {self.log_path}:\n"
-                    f"{tail(self.log_path)}"
-                )
-            await asyncio.sleep(_PROBE_INTERVAL)
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _memory_options(self) -> list[str]:
         # Shared memory holds the table twice (uac's hash table, db_text's cache).
-        shm_mb = max(64, len(self.registrations) * _SHM_BYTES_PER_ROW // 2**20)
-        command = [
-            KAMAILIO,
-            "-f", str(self.workdir / "kamailio.cfg"),
-            "-DD",  # stay in the foreground, still forking the workers
-            "-E",  # log to stderr
-            "-Y", str(self.control_socket.parent),
-            "-w", str(self.workdir),
-            "-m", str(shm_mb),
-        ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            log.write(f"==== {' '.join(command)}\n".encode())
-            log.flush()
-            return subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
+        return ["-m", str(max(64, len(self.registrations) * _SHM_BYTES_PER_ROW // 2**20))]
 
-    async def _stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None:
-            return
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            await asyncio.to_thread(process.wait, STOP_TIMEOUT)
-        _signal_group(process.pid, signal.SIGKILL)
-
-    # Control socket --------------------------------------------------------------
-
-    async def rpc(self, *command: str) -> str:
-        """Run one RPC through kamcmd; KamailioUacError when it fails."""
-        completed = await asyncio.to_thread(
-            subprocess.run,
-            [KAMCMD, "-s", f"unix:{self.control_socket}", *command],
-            capture_output=True,
-            text=True,
-            timeout=RPC_TIMEOUT,
-            check=False,
-        )
-        if completed.returncode != 0 or completed.stdout.startswith("error:"):
-            raise KamailioUacError(
-                f"kamcmd {' '.join(command)}: {completed.stderr.strip() or completed.stdout}"
-            )
-        return completed.stdout
+    # Statistics ------------------------------------------------------------------
 
     async def transactions(self) -> dict[str, int]:
         """tm's statistics ("total_local", "2xx", "4xx", ...), as numbers."""
@@ -365,11 +224,6 @@ request_route {{
 def refresh_period(expires: int, timer_interval: int) -> float:
     """Mean seconds between two registrations of one row (see the module docstring)."""
     return expires - 3 - timer_interval / 2
-
-
-def _signal_group(process_group: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process_group, signum)
 
 
 def _fields(output: str) -> dict[str, int]:

@@ -117,66 +117,32 @@ class LocationContact(TypedDict):
     user_agent: str | None
 
 
-class Kamailio:
-    """A Kamailio registrar and proxy on 127.0.0.1 with UDP, TCP and TLS listeners.
+class KamailioProcess:
+    """One Kamailio in its own process group, with a working directory and a control socket.
 
-    Use as an async context manager.  `users` maps user names to passwords.
-    `min_expires` and `max_expires` bound the interval the registrar grants;
-    a REGISTER below `min_expires` gets 423 Interval Too Brief, one without
-    an expiry gets `default_expires` (3600 clamped into the bounds when
-    None).  `digest_algorithm` is "MD5" or "SHA-256".  The TLS certificate
-    is issued by `ca` (a new trustme CA when None) for TLS_SERVER_NAME,
-    DOMAIN and 127.0.0.1; clients verify it with `ca_certificate`.  Config,
-    certificates and log live in `workdir`, or in a temporary directory
-    removed on exit; the control socket lives in a short temporary
-    directory, since a unix socket path must fit in 108 bytes.  Starting
-    may take `start_timeout` seconds (a config for a few hundred thousand
-    users takes tens of seconds to load).
+    Use as an async context manager.  A subclass writes its configuration
+    (``_prepare``, to ``config_path``), says how much memory it takes
+    (``_memory_options``) and may wait for more than the control socket
+    (``_wait_until_ready``); this class starts and stops the process group
+    and runs RPCs through kamcmd.  Config and log live in `workdir`, or in a
+    temporary directory removed on exit; the control socket lives in a short
+    temporary directory, since a unix socket path must fit in 108 bytes.
+    Starting may take `start_timeout` seconds.
     """
 
     def __init__(
         self,
-        users: Mapping[str, str],
         *,
-        min_expires: int = 60,
-        max_expires: int = 3600,
-        default_expires: int | None = None,
-        digest_algorithm: str = "MD5",
-        ca: trustme.CA | None = None,
         workdir: Path | None = None,
         start_timeout: float = START_TIMEOUT,
-    ):
-        for user, password in users.items():
-            if not _USER.fullmatch(user) or not _PASSWORD.fullmatch(password):
-                raise ValueError(f"user or password unusable in a Kamailio config: {user!r}")
-        if digest_algorithm not in _ALGORITHMS:
-            raise ValueError(f"digest_algorithm must be one of {_ALGORITHMS}")
-        if default_expires is None:
-            default_expires = min(max(3600, min_expires), max_expires)
-        if not 0 < min_expires <= default_expires <= max_expires:
-            raise ValueError("expected 0 < min_expires <= default_expires <= max_expires")
-        self.users = dict(users)
-        self.min_expires = min_expires
-        self.max_expires = max_expires
-        self.default_expires = default_expires
-        self.digest_algorithm = digest_algorithm
-        self.ca = ca or trustme.CA()
+        rpc_timeout: float = RPC_TIMEOUT,
+    ) -> None:
         self.start_timeout = start_timeout
+        self.rpc_timeout = rpc_timeout
         self._requested_workdir = workdir
         self._workdir: Path | None = None
         self._runtime_dir: Path | None = None
-        self._ports: dict[Transport, int] = {}
         self._process: subprocess.Popen[bytes] | None = None
-
-    # Addresses and files ---------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return HOST
-
-    @property
-    def domain(self) -> str:
-        return DOMAIN
 
     @property
     def pid(self) -> int:
@@ -186,39 +152,10 @@ class Kamailio:
         return self._process.pid
 
     @property
-    def tls_server_name(self) -> str:
-        return TLS_SERVER_NAME
-
-    @property
     def workdir(self) -> Path:
         if self._workdir is None:
             raise RuntimeError("Kamailio has not been entered")
         return self._workdir
-
-    @property
-    def udp_port(self) -> int:
-        return self._ports["udp"]
-
-    @property
-    def tcp_port(self) -> int:
-        return self._ports["tcp"]
-
-    @property
-    def tls_port(self) -> int:
-        return self._ports["tls"]
-
-    def address(self, transport: Transport) -> tuple[str, int]:
-        """The (host, port) of the listener for `transport`."""
-        return HOST, self._ports[transport]
-
-    def uri(self, transport: Transport) -> str:
-        """A SIP URI that reaches this server over `transport`, e.g. for an outbound proxy."""
-        return f"sip:{HOST}:{self._ports[transport]};transport={transport}"
-
-    @property
-    def ca_certificate(self) -> Path:
-        """PEM file of the CA that issued the TLS certificate."""
-        return self.workdir / "ca.pem"
 
     @property
     def log_path(self) -> Path:
@@ -238,12 +175,6 @@ class Kamailio:
     @property
     def control_socket(self) -> Path:
         return self.runtime_dir / "kamailio_ctl"
-
-    @property
-    def rpc_fifo(self) -> Path:
-        """The FIFO where Kamailio's JSON-RPC server (jsonrpcs) reads requests; replies
-        come back through FIFOs the client makes in the same directory."""
-        return self.runtime_dir / "kamailio_rpc.fifo"
 
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_path, lines)
@@ -281,6 +212,212 @@ class Kamailio:
             shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _prepare(self) -> None:
+        """Write the configuration and whatever it needs, once per context."""
+        raise NotImplementedError
+
+    def _memory_options(self) -> list[str]:
+        """Kamailio's -m (shared) and -M (per process) memory options."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start Kamailio and return once it is ready (``_wait_until_ready``)."""
+        if self._process is not None:
+            raise RuntimeError("Kamailio is already running")
+        self.control_socket.unlink(missing_ok=True)
+        self._process = self._spawn()
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            await self._wait_until_ready(deadline)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Kill Kamailio's process group: SIGTERM, then SIGKILL if it lingers."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            await asyncio.to_thread(process.wait, STOP_TIMEOUT)
+        # Workers that outlived the main process still carry its group id.
+        _signal_group(process.pid, signal.SIGKILL)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        command = [
+            KAMAILIO,
+            "-f", str(self.config_path),
+            "-DD",  # stay in the foreground, still forking the workers
+            "-E",  # log to stderr
+            "-Y", str(self.runtime_dir),
+            "-w", str(self.workdir),  # working directory (core files)
+            *self._memory_options(),
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            log.write(f"==== {' '.join(command)}\n".encode())
+            log.flush()
+            return subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+
+    async def _wait_until_ready(self, deadline: float) -> None:
+        """Wait until the control socket answers."""
+        while True:
+            with contextlib.suppress(KamailioError):
+                await self.rpc("core.version")
+                return
+            self._check_deadline(deadline, "control socket")
+            await asyncio.sleep(_PROBE_INTERVAL)
+
+    def _check_deadline(self, deadline: float, waiting_for: str) -> None:
+        process = self._process
+        assert process is not None
+        if process.poll() is not None:
+            raise KamailioError(
+                f"kamailio exited with status {process.returncode} during start;"
+                f" log {self.log_path}:\n{self.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise KamailioError(
+                f"kamailio not ready after {self.start_timeout} s (waiting for {waiting_for});"
+                f" log {self.log_path}:\n{self.log_tail()}"
+            )
+
+    # Control socket ------------------------------------------------------------
+
+    async def rpc(self, *command: str) -> str:
+        """Run one RPC command through kamcmd and return its output.
+
+        kamcmd exits with status 0 even when the command fails; a failure is
+        output starting with "error: <code> - <reason>", raised here as
+        KamailioError.
+        """
+        output = await self._kamcmd(*command)
+        if output.startswith("error:"):
+            raise KamailioError(f"{' '.join(command)}: {output.strip()}")
+        return output
+
+    async def _kamcmd(self, *command: str) -> str:
+        completed = await asyncio.to_thread(
+            subprocess.run,
+            [KAMCMD, "-s", f"unix:{self.control_socket}", *command],
+            capture_output=True,
+            text=True,
+            timeout=self.rpc_timeout,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise KamailioError(
+                f"kamcmd {' '.join(command)} exited with {completed.returncode}: "
+                f"{completed.stderr.strip() or completed.stdout.strip()}"
+            )
+        return completed.stdout
+
+
+class Kamailio(KamailioProcess):
+    """A Kamailio registrar and proxy on 127.0.0.1 with UDP, TCP and TLS listeners.
+
+    Use as an async context manager.  `users` maps user names to passwords.
+    `min_expires` and `max_expires` bound the interval the registrar grants;
+    a REGISTER below `min_expires` gets 423 Interval Too Brief, one without
+    an expiry gets `default_expires` (3600 clamped into the bounds when
+    None).  `digest_algorithm` is "MD5" or "SHA-256".  The TLS certificate
+    is issued by `ca` (a new trustme CA when None) for TLS_SERVER_NAME,
+    DOMAIN and 127.0.0.1; clients verify it with `ca_certificate`.  Config,
+    certificates and log live in `workdir`, or in a temporary directory
+    removed on exit; the control socket lives in a short temporary
+    directory, since a unix socket path must fit in 108 bytes.  Starting
+    may take `start_timeout` seconds (a config for a few hundred thousand
+    users takes tens of seconds to load).  Process, working directory and
+    control socket: ``KamailioProcess``.
+    """
+
+    def __init__(
+        self,
+        users: Mapping[str, str],
+        *,
+        min_expires: int = 60,
+        max_expires: int = 3600,
+        default_expires: int | None = None,
+        digest_algorithm: str = "MD5",
+        ca: trustme.CA | None = None,
+        workdir: Path | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ):
+        for user, password in users.items():
+            if not _USER.fullmatch(user) or not _PASSWORD.fullmatch(password):
+                raise ValueError(f"user or password unusable in a Kamailio config: {user!r}")
+        if digest_algorithm not in _ALGORITHMS:
+            raise ValueError(f"digest_algorithm must be one of {_ALGORITHMS}")
+        if default_expires is None:
+            default_expires = min(max(3600, min_expires), max_expires)
+        if not 0 < min_expires <= default_expires <= max_expires:
+            raise ValueError("expected 0 < min_expires <= default_expires <= max_expires")
+        self.users = dict(users)
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self.default_expires = default_expires
+        self.digest_algorithm = digest_algorithm
+        self.ca = ca or trustme.CA()
+        super().__init__(workdir=workdir, start_timeout=start_timeout)
+        self._ports: dict[Transport, int] = {}
+
+    # Addresses and files ---------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def domain(self) -> str:
+        return DOMAIN
+
+    @property
+    def tls_server_name(self) -> str:
+        return TLS_SERVER_NAME
+
+    @property
+    def udp_port(self) -> int:
+        return self._ports["udp"]
+
+    @property
+    def tcp_port(self) -> int:
+        return self._ports["tcp"]
+
+    @property
+    def tls_port(self) -> int:
+        return self._ports["tls"]
+
+    def address(self, transport: Transport) -> tuple[str, int]:
+        """The (host, port) of the listener for `transport`."""
+        return HOST, self._ports[transport]
+
+    def uri(self, transport: Transport) -> str:
+        """A SIP URI that reaches this server over `transport`, e.g. for an outbound proxy."""
+        return f"sip:{HOST}:{self._ports[transport]};transport={transport}"
+
+    @property
+    def ca_certificate(self) -> Path:
+        """PEM file of the CA that issued the TLS certificate."""
+        return self.workdir / "ca.pem"
+
+    @property
+    def rpc_fifo(self) -> Path:
+        """The FIFO where Kamailio's JSON-RPC server (jsonrpcs) reads requests; replies
+        come back through FIFOs the client makes in the same directory."""
+        return self.runtime_dir / "kamailio_rpc.fifo"
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def _prepare(self) -> None:
         """Pick the ports and write certificates and configuration, once per context."""
         self._ports = {
             "udp": free_port(socket.SOCK_DGRAM),
@@ -308,62 +445,22 @@ class Kamailio:
 
     async def start(self) -> None:
         """Start Kamailio and return once all listeners and the control socket answer."""
-        if self._process is not None:
-            raise RuntimeError("Kamailio is already running")
-        self.control_socket.unlink(missing_ok=True)
         self.rpc_fifo.unlink(missing_ok=True)
-        self._process = self._spawn()
-        deadline = time.monotonic() + self.start_timeout
-        try:
-            await self._wait_until_ready(deadline)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        """Kill Kamailio's process group: SIGTERM, then SIGKILL if it lingers."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            await asyncio.to_thread(process.wait, STOP_TIMEOUT)
-        # Workers that outlived the main process still carry its group id.
-        _signal_group(process.pid, signal.SIGKILL)
+        await super().start()
 
     async def restart(self) -> None:
         """Kill Kamailio and start it again on the same ports, with an empty location table."""
         await self.stop()
         await self.start()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        command = [
-            KAMAILIO,
-            "-f", str(self.config_path),
-            "-DD",  # stay in the foreground, still forking the workers
-            "-E",  # log to stderr
-            "-Y", str(self.runtime_dir),
-            "-w", str(self.workdir),  # working directory (core files)
+    def _memory_options(self) -> list[str]:
+        return [
             # Shared memory: location records and transactions, which a
             # benchmark's call rate over many users fills.
             "-m", str(max(64, len(self.users) // 40)),
             # Private memory of each process: the config holds a line per user.
             "-M", str(max(8, len(self.users) // 100)),
         ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            log.write(f"==== {' '.join(command)}\n".encode())
-            log.flush()
-            return subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
 
     async def _wait_until_ready(self, deadline: float) -> None:
         probes: list[tuple[str, Callable[[], bool]]] = [
@@ -375,26 +472,7 @@ class Kamailio:
             while not await asyncio.to_thread(probe):
                 self._check_deadline(deadline, name)
                 await asyncio.sleep(_PROBE_INTERVAL)
-        while True:
-            with contextlib.suppress(KamailioError):
-                await self.rpc("core.version")
-                return
-            self._check_deadline(deadline, "control socket")
-            await asyncio.sleep(_PROBE_INTERVAL)
-
-    def _check_deadline(self, deadline: float, waiting_for: str) -> None:
-        process = self._process
-        assert process is not None
-        if process.poll() is not None:
-            raise KamailioError(
-                f"kamailio exited with status {process.returncode} during start;"
-                f" log {self.log_path}:\n{self.log_tail()}"
-            )
-        if time.monotonic() > deadline:
-            raise KamailioError(
-                f"kamailio not ready after {self.start_timeout} s (waiting for {waiting_for});"
-                f" log {self.log_path}:\n{self.log_tail()}"
-            )
+        await super()._wait_until_ready(deadline)
 
     def _udp_answers(self) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -428,35 +506,7 @@ class Kamailio:
         except OSError:
             return False
 
-    # Control socket ------------------------------------------------------------
-
-    async def rpc(self, *command: str) -> str:
-        """Run one RPC command through kamcmd and return its output.
-
-        kamcmd exits with status 0 even when the command fails; a failure is
-        output starting with "error: <code> - <reason>", raised here as
-        KamailioError.
-        """
-        output = await self._kamcmd(*command)
-        if output.startswith("error:"):
-            raise KamailioError(f"{' '.join(command)}: {output.strip()}")
-        return output
-
-    async def _kamcmd(self, *command: str) -> str:
-        completed = await asyncio.to_thread(
-            subprocess.run,
-            [KAMCMD, "-s", f"unix:{self.control_socket}", *command],
-            capture_output=True,
-            text=True,
-            timeout=RPC_TIMEOUT,
-            check=False,
-        )
-        if completed.returncode != 0:
-            raise KamailioError(
-                f"kamcmd {' '.join(command)} exited with {completed.returncode}: "
-                f"{completed.stderr.strip() or completed.stdout.strip()}"
-            )
-        return completed.stdout
+    # Location ---------------------------------------------------------------
 
     async def contacts(self, aor: str) -> list[LocationContact]:
         """Return the live bindings of `aor` ("alice" or "alice@example.test"); [] when none.

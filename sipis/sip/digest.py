@@ -63,7 +63,6 @@ MAX_AUTH_PARAMS = 32
 # perhaps a proxy, so a handful is plenty; the least recently used goes first.
 _MAX_TRACKED_NONCES = 8
 
-_TOKEN = re.compile(TOKEN)
 # The qop offers nearly every server makes, shared rather than built per challenge.
 _COMMON_QOP = {"auth": ("auth",), "auth,auth-int": ("auth", "auth-int")}
 # quoted-string = SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
@@ -71,7 +70,10 @@ _COMMON_QOP = {"auth": ("auth",), "auth,auth-int": ("auth", "auth-int")}
 # quoted-pair   = "\" (%x00-09 / %x0B-0C / %x0E-7F)
 # Stricter than the ABNF in one respect: a quoted-pair may not carry a control
 # character, so every value parsed here can be quoted again unchanged.
-_QUOTED = re.compile(r'"((?:[\t !#-\[\]-~\x80-\ud7ff\ue000-\U0010ffff]|\\[\t -~])*)"')
+_QUOTED = r'"((?:[\t !#-\[\]-~\x80-\ud7ff\ue000-\U0010ffff]|\\[\t -~])*)"'
+_AUTH_SCHEME = re.compile(rf"({TOKEN})([ \t]+)?")
+# One auth-param and the COMMA after it, if any: (name, quoted value, token value, comma).
+_AUTH_PARAM = re.compile(rf"({TOKEN})[ \t]*=[ \t]*(?:{_QUOTED}|({TOKEN}))[ \t]*(,[ \t]*)?")
 _QUOTED_PAIR = re.compile(r"\\(.)")
 _UNQUOTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -395,49 +397,36 @@ def _parse_auth_value(value: str, what: str) -> tuple[str, dict[str, str]]:
     given twice is an error.
     """
     text = value.strip(" \t")
-    scheme_match = _TOKEN.match(text)
+    scheme_match = _AUTH_SCHEME.match(text)
     if scheme_match is None:
         raise SipError(f"{what}: missing auth-scheme")
-    scheme = scheme_match.group()
-    pos = _skip_wsp(text, scheme_match.end())
-    if pos == scheme_match.end() or pos == len(text):
+    if scheme_match.group(2) is None or scheme_match.end() == len(text):
         raise SipError(f"{what}: auth-scheme must be followed by LWS and parameters")
+    scheme = scheme_match.group(1)
     params: dict[str, str] = {}
+    pos = scheme_match.end()
+    end = len(text)
     while True:
-        name_match = _TOKEN.match(text, pos)
-        if name_match is None:
-            raise SipError(f"{what}: expected a parameter name at offset {pos}")
-        name = name_match.group().lower()
+        param = _AUTH_PARAM.match(text, pos)
+        if param is None:
+            raise SipError(f"{what}: malformed parameter at offset {pos}")
+        name, quoted, token, comma = param.groups()
+        name = name.lower()
         if name in params:
             raise SipError(f"{what}: duplicate parameter {name!r}")
         if len(params) == MAX_AUTH_PARAMS:
             raise SipError(f"{what}: more than {MAX_AUTH_PARAMS} parameters")
-        pos = _skip_wsp(text, name_match.end())
-        if not text.startswith("=", pos):
-            raise SipError(f"{what}: expected '=' after {name!r}")
-        pos = _skip_wsp(text, pos + 1)
-        if text.startswith('"', pos):
-            value_match = _QUOTED.match(text, pos)
-            if value_match is None:
-                raise SipError(f"{what}: unterminated or malformed quoted-string for {name!r}")
-            params[name] = _QUOTED_PAIR.sub(lambda pair: pair.group(1), value_match.group(1))
+        if token is not None:
+            params[name] = token
+        elif "\\" in quoted:
+            params[name] = _QUOTED_PAIR.sub(lambda pair: pair.group(1), quoted)
         else:
-            value_match = _TOKEN.match(text, pos)
-            if value_match is None:
-                raise SipError(f"{what}: expected a token or quoted-string for {name!r}")
-            params[name] = value_match.group()
-        pos = _skip_wsp(text, value_match.end())
-        if pos == len(text):
-            return scheme, params
-        if text[pos] != ",":
+            params[name] = quoted
+        pos = param.end()
+        if comma is None:
+            if pos == end:
+                return scheme, params
             raise SipError(f"{what}: expected ',' at offset {pos}")
-        pos = _skip_wsp(text, pos + 1)
-
-
-def _skip_wsp(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t":
-        pos += 1
-    return pos
 
 
 def _check_quotable(value: str, what: str) -> None:
@@ -447,6 +436,8 @@ def _check_quotable(value: str, what: str) -> None:
 
 
 def _quote(value: str) -> str:
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'  # nearly every value: nothing to refuse or escape
     _check_quotable(value, "quoted value")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -123,6 +123,8 @@ CANONICAL_NAMES = [
     "WWW-Authenticate",
 ]
 _CANONICAL = {name.lower(): name for name in CANONICAL_NAMES} | COMPACT_FORMS
+# The key and written form of each canonical name as spelled: what this side writes.
+_AS_WRITTEN = {name: (name, name) for name in CANONICAL_NAMES}
 
 # Headers whose value is a comma-separated list (RFC 3261 §7.3.1).
 LIST_HEADERS = frozenset(
@@ -177,6 +179,9 @@ def header_key(name: str) -> str:
 
 def key_and_name(name: str) -> tuple[str, str]:
     """The lookup key and the written form of a header name (as given, if unknown)."""
+    known = _AS_WRITTEN.get(name)
+    if known is not None:
+        return known
     lowered = name.lower()
     canonical = _CANONICAL.get(lowered)
     return (canonical, canonical) if canonical is not None else (lowered, name)

@@ -506,24 +506,26 @@ class RegistrationSession:
         self._cseq += 1
         self._sent_at = now
         self._pending_expires = expires
-        request = self._build(local, expires)
+        branch = new_branch()
         self._txn = ClientNonInviteTransaction(
-            request, now, reliable=local.transport != "udp", timers=self._timers
+            self._build(local, expires, branch),
+            now,
+            reliable=local.transport != "udp",
+            timers=self._timers,
+            branch=branch,
         )
 
-    def _build(self, local: LocalAddress, expires: int) -> Request:
+    def _build(self, local: LocalAddress, expires: int, branch: str) -> Request:
         config = self.config
         aor = str(config.aor)
         shown = "" if config.display_name is None else quote(config.display_name) + " "
         transport = local.transport.upper()
-        contact_uri = SipUri(
-            host=local.host,
-            port=local.port,
-            user=config.contact_user,
-            params={} if local.transport == "udp" else {"transport": local.transport},
+        # the Contact URI as SipUri would write it: user, host, port, and transport unless UDP
+        contact_uri = f"sip:{config.contact_user}@{local.host}:{local.port}" + (
+            "" if local.transport == "udp" else f";transport={local.transport}"
         )
         fields = [
-            ("Via", f"SIP/2.0/{transport} {local.host}:{local.port};rport;branch={new_branch()}"),
+            ("Via", f"SIP/2.0/{transport} {local.host}:{local.port};rport;branch={branch}"),
             ("Max-Forwards", "70"),
         ]
         if config.outbound_proxy is not None:

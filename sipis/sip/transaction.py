@@ -169,10 +169,12 @@ class ClientNonInviteTransaction(_Transaction):
         *,
         reliable: bool,
         timers: Timers = DEFAULT_TIMERS,
+        branch: str | None = None,
     ) -> None:
+        """``branch``, when given, is that of the request's top Via (spares parsing it)."""
         super().__init__(reliable, timers)
         self.request = request
-        self.key = client_key(request.via.branch or "", request.method)
+        self.key = client_key(branch or request.via.branch or "", request.method)
         self._wire = request.serialize()
         self._outbox.append(self._wire)
         self._e_interval = timers.t1

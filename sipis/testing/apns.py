@@ -50,7 +50,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -477,8 +477,8 @@ class _ServerConnection(asyncio.Protocol):
         self.has_client_certificate = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a stream transport (uvloop's is not an asyncio.Transport subclass)
+        self._transport = transport = cast(asyncio.Transport, transport)
         self.has_client_certificate = bool(transport.get_extra_info("peercert"))
         self._server._connected(self)
         self._h2.initiate_connection()

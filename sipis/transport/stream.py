@@ -45,6 +45,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from sipis.sip.message import (
     MAX_MESSAGE_SIZE,
@@ -145,8 +146,8 @@ class StreamFlow(Flow, asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a stream transport (uvloop's is not an asyncio.Transport subclass)
+        self._transport = transport = cast(asyncio.Transport, transport)
         host, port = transport.get_extra_info("sockname")[:2]
         self.local = LocalAddress("tls" if self._tls else "tcp", uri_host(host), port)
         peer = transport.get_extra_info("peername")

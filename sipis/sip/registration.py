@@ -520,9 +520,11 @@ class RegistrationSession:
         aor = str(config.aor)
         shown = "" if config.display_name is None else quote(config.display_name) + " "
         transport = local.transport.upper()
-        # the Contact URI as SipUri would write it: user, host, port, and transport unless UDP
-        contact_uri = f"sip:{config.contact_user}@{local.host}:{local.port}" + (
-            "" if local.transport == "udp" else f";transport={local.transport}"
+        contact_uri = SipUri(
+            host=local.host,
+            port=local.port,
+            user=config.contact_user,
+            params={} if local.transport == "udp" else {"transport": local.transport},
         )
         fields = [
             ("Via", f"SIP/2.0/{transport} {local.host}:{local.port};rport;branch={branch}"),

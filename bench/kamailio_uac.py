@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tests.peers.kamailio import KamailioProcess
+from tests.peers.kamailio import KamailioProcess, tls_modparams
 from tests.peers.loopback import HOST, free_port
 
 START_TIMEOUT = 120.0
@@ -169,11 +169,7 @@ loadmodule "tls.so"
 
 modparam("ctl", "binrpc", "unix:{self.control_socket}")
 
-modparam("tls", "certificate", "{self.certificate}")
-modparam("tls", "private_key", "{self.private_key}")
-modparam("tls", "tls_method", "TLSv1.2+")
-modparam("tls", "verify_certificate", 0)
-modparam("tls", "require_certificate", 0)
+{tls_modparams(self.certificate, self.private_key)}
 
 modparam("db_text", "max_result_rows", {rows})
 

@@ -742,6 +742,15 @@ def _location_contact(fields: Mapping[str, str]) -> LocationContact | None:
 # Configuration -----------------------------------------------------------------
 
 
+def tls_modparams(certificate: Path, private_key: Path) -> str:
+    """Kamailio's tls module serving ``certificate``, asking nothing of clients."""
+    return f"""modparam("tls", "certificate", "{certificate}")
+modparam("tls", "private_key", "{private_key}")
+modparam("tls", "tls_method", "TLSv1.2+")
+modparam("tls", "verify_certificate", 0)
+modparam("tls", "require_certificate", 0)"""
+
+
 def render_config(
     *,
     ports: Mapping[Transport, int],
@@ -814,11 +823,7 @@ modparam("jsonrpcs", "pretty_format", 0)
 modparam("jsonrpcs", "fifo_name", "{rpc_fifo}")
 modparam("jsonrpcs", "fifo_reply_dir", "{rpc_fifo.parent}/")
 
-modparam("tls", "certificate", "{certificate}")
-modparam("tls", "private_key", "{private_key}")
-modparam("tls", "tls_method", "TLSv1.2+")
-modparam("tls", "verify_certificate", 0)
-modparam("tls", "require_certificate", 0)
+{tls_modparams(certificate, private_key)}
 
 modparam("htable", "htable", "users=>size={max(4, (len(users) - 1).bit_length())};")
 modparam("auth", "algorithm", "{digest_algorithm}")
